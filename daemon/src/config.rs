@@ -1,0 +1,229 @@
+//! vouchd configuration: a TOML file plus `VOUCHD_*` environment overrides,
+//! validated into a typed [`Config`] at start.
+//!
+//! Trust boundary: the file and environment are the operator's; they are
+//! still validated strictly (unknown keys rejected, ranges checked) so that a
+//! typo fails loudly at start instead of weakening attestation.
+
+use std::path::{Path, PathBuf};
+
+use crate::tpm::{AkAlg, EkChoice};
+
+/// Configuration errors name the file (or variable) and the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("config file {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// TOML error with line and column.
+        #[source]
+        source: toml::de::Error,
+    },
+    /// An environment override does not parse.
+    #[error("environment variable {var}={value:?}: {reason}")]
+    Env {
+        /// Variable name.
+        var: &'static str,
+        /// Its value.
+        value: String,
+        /// Why it was rejected.
+        reason: String,
+    },
+    /// A value is out of range.
+    #[error("config field {field}: {reason}")]
+    Invalid {
+        /// Field name.
+        field: &'static str,
+        /// Why it was rejected.
+        reason: String,
+    },
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    tcti: Option<String>,
+    state_dir: Option<PathBuf>,
+    ek: Option<EkChoice>,
+    ak: Option<AkAlg>,
+    runtime_pcr: Option<u8>,
+    log_format: Option<LogFormat>,
+}
+
+/// Validated vouchd configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// TCTI string of the TPM.
+    pub tcti: String,
+    /// Directory for the AK blob and the runtime log (created 0700).
+    pub state_dir: PathBuf,
+    /// Which EK to use.
+    pub ek: EkChoice,
+    /// AK algorithm (only used when creating the AK).
+    pub ak: AkAlg,
+    /// The runtime PCR (SHA-256 bank).
+    pub runtime_pcr: u8,
+    /// Log output format.
+    pub log_format: LogFormat,
+}
+
+fn env_parse<T: serde::de::DeserializeOwned>(var: &'static str) -> Result<Option<T>, ConfigError> {
+    match std::env::var(var) {
+        Err(_) => Ok(None),
+        Ok(value) => {
+            // Reuse serde's enum/number parsing through a one-key TOML doc.
+            let doc = format!("v = {}", toml_literal(&value));
+            #[derive(serde::Deserialize)]
+            struct One<T> {
+                v: T,
+            }
+            toml::from_str::<One<T>>(&doc)
+                .map(|o| Some(o.v))
+                .map_err(|e| ConfigError::Env {
+                    var,
+                    value,
+                    reason: e.message().to_owned(),
+                })
+        }
+    }
+}
+
+fn toml_literal(v: &str) -> String {
+    if v.parse::<i64>().is_ok() {
+        v.to_owned()
+    } else {
+        format!("{:?}", v)
+    }
+}
+
+impl Config {
+    /// Loads `path` (if given), applies `VOUCHD_*` overrides and validates.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut raw = match path {
+            None => RawConfig::default(),
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_owned(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|source| ConfigError::Parse {
+                    path: p.to_owned(),
+                    source,
+                })?
+            }
+        };
+        if let Some(v) = env_parse("VOUCHD_TCTI")? {
+            raw.tcti = Some(v);
+        }
+        if let Some(v) = env_parse::<String>("VOUCHD_STATE_DIR")? {
+            raw.state_dir = Some(v.into());
+        }
+        if let Some(v) = env_parse("VOUCHD_EK")? {
+            raw.ek = Some(v);
+        }
+        if let Some(v) = env_parse("VOUCHD_AK")? {
+            raw.ak = Some(v);
+        }
+        if let Some(v) = env_parse("VOUCHD_RUNTIME_PCR")? {
+            raw.runtime_pcr = Some(v);
+        }
+        if let Some(v) = env_parse("VOUCHD_LOG_FORMAT")? {
+            raw.log_format = Some(v);
+        }
+        Self::validate(raw)
+    }
+
+    fn validate(raw: RawConfig) -> Result<Self, ConfigError> {
+        let runtime_pcr = raw.runtime_pcr.unwrap_or(vouch_proto::DEFAULT_RUNTIME_PCR);
+        match runtime_pcr {
+            0..=7 => {
+                return Err(ConfigError::Invalid {
+                    field: "runtime_pcr",
+                    reason: format!("{runtime_pcr} is a boot PCR (0-7) that firmware measures into"),
+                })
+            }
+            16 | 23 => {
+                return Err(ConfigError::Invalid {
+                    field: "runtime_pcr",
+                    reason: format!("{runtime_pcr} can be reset from locality 0, so anyone with TPM access could erase the log"),
+                })
+            }
+            17..=22 => {
+                return Err(ConfigError::Invalid {
+                    field: "runtime_pcr",
+                    reason: format!("{runtime_pcr} cannot be extended from locality 0"),
+                })
+            }
+            24.. => {
+                return Err(ConfigError::Invalid {
+                    field: "runtime_pcr",
+                    reason: format!("{runtime_pcr} is not a PCR index (0-23)"),
+                })
+            }
+            _ => {}
+        }
+        let tcti = raw.tcti.unwrap_or_else(|| "device:/dev/tpmrm0".to_owned());
+        if tcti.trim().is_empty() {
+            return Err(ConfigError::Invalid {
+                field: "tcti",
+                reason: "empty".into(),
+            });
+        }
+        Ok(Self {
+            tcti,
+            state_dir: raw.state_dir.unwrap_or_else(|| "/var/lib/vouch".into()),
+            ek: raw.ek.unwrap_or_default(),
+            ak: raw.ak.unwrap_or_default(),
+            runtime_pcr,
+            log_format: raw.log_format.unwrap_or_default(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_unknown_fields_with_line() {
+        let err = toml::from_str::<RawConfig>("tcti = \"swtpm\"\nruntime_prc = 13\n");
+        let msg = err.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(msg.contains("runtime_prc"), "{msg}");
+        assert!(msg.contains("line 2"), "{msg}");
+    }
+
+    #[test]
+    fn rejects_resettable_pcr() {
+        for pcr in [16u8, 23, 3, 20, 30] {
+            let raw = RawConfig {
+                runtime_pcr: Some(pcr),
+                ..Default::default()
+            };
+            assert!(Config::validate(raw).is_err(), "pcr {pcr}");
+        }
+        let ok = Config::validate(RawConfig::default());
+        assert_eq!(ok.map(|c| c.runtime_pcr).ok(), Some(13));
+    }
+}

@@ -1,0 +1,10 @@
+//! # vouch-daemon
+//!
+//! `vouchd`, the per-node daemon. This library holds its parts so the
+//! end-to-end tests can drive them; the binary wires them up.
+//!
+//! - [`tpm`]: the only module that touches tss-esapi.
+//! - [`config`]: TOML configuration with environment overrides.
+
+pub mod config;
+pub mod tpm;

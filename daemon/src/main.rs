@@ -1,0 +1,159 @@
+//! `vouchd`: the per-node Vouch daemon.
+//!
+//! This binary sets up logging and configuration and dispatches to the
+//! library. `vouchd tpm ...` commands expose the TPM layer (EK, AK, quotes,
+//! credential activation) for enrollment tooling, tests and the demo.
+
+use std::path::PathBuf;
+
+use anyhow::{Context as _, Result};
+use clap::{Parser, Subcommand};
+use vouch_daemon::config::{Config, LogFormat};
+use vouch_daemon::tpm::{Ak, Ek, Tpm};
+
+#[derive(Parser, Debug)]
+#[command(name = "vouchd", version, about = "Vouch node daemon: TPM-rooted attestation of Dapr sidecars")]
+struct Cli {
+    /// TOML configuration file (VOUCHD_* environment variables override it).
+    #[arg(long, short, global = true, env = "VOUCHD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Log as JSON lines (overrides log_format).
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// TPM operations: identity, quotes, credential activation.
+    #[command(subcommand)]
+    Tpm(TpmCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum TpmCommand {
+    /// Print the TPM, EK (with certificate) and AK as JSON; creates and
+    /// persists the AK on first use.
+    Info,
+    /// Quote the boot PCRs 0-7 and the runtime PCR with a hex nonce; JSON.
+    Quote {
+        /// Qualifying data (hex, at most 64 bytes; 32 recommended).
+        #[arg(long)]
+        nonce: String,
+    },
+    /// Activate a credential made for this TPM's EK and AK; prints the
+    /// secret as JSON.
+    Activate {
+        /// TPM2B_ID_OBJECT body (hex).
+        #[arg(long)]
+        id_object: String,
+        /// TPM2B_ENCRYPTED_SECRET body (hex).
+        #[arg(long)]
+        encrypted_secret: String,
+    },
+    /// Extend a SHA-256 digest (hex) into the runtime PCR.
+    Extend {
+        /// 32-byte digest (hex).
+        #[arg(long)]
+        digest: String,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("VOUCHD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn open(cfg: &Config) -> Result<(Tpm, Ek, Ak)> {
+    let mut tpm = Tpm::open(&cfg.tcti)?;
+    let info = tpm.info()?;
+    if info.software {
+        tracing::warn!(
+            manufacturer = %info.manufacturer,
+            vendor = %info.vendor,
+            "SOFTWARE TPM IN USE: attestation from this node proves nothing about its hardware; use only for tests and demos"
+        );
+    }
+    let ek = tpm.load_ek(cfg.ek)?;
+    let ak = tpm
+        .load_or_create_ak(&ek, &cfg.state_dir, cfg.ak)
+        .with_context(|| format!("AK in state directory {}", cfg.state_dir.display()))?;
+    if ak.created {
+        tracing::info!(ak_name = %hex::encode(&ak.name), "created and persisted a new AK");
+    } else {
+        tracing::info!(ak_name = %hex::encode(&ak.name), "loaded the persisted AK");
+    }
+    Ok((tpm, ek, ak))
+}
+
+fn hex_arg(name: &str, v: &str) -> Result<Vec<u8>> {
+    hex::decode(v.trim()).with_context(|| format!("--{name} is not valid hex"))
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let cfg = Config::load(cli.config.as_deref())?;
+    init_logging(if cli.log_json {
+        LogFormat::Json
+    } else {
+        cfg.log_format
+    });
+    match cli.command {
+        Command::Tpm(cmd) => {
+            let (mut tpm, ek, ak) = open(&cfg)?;
+            let out = match cmd {
+                TpmCommand::Info => serde_json::json!({
+                    "tpm": tpm.info()?,
+                    "ek": {
+                        "kind": ek.kind,
+                        "public": hex::encode(&ek.public),
+                        "certificate": hex::encode(&ek.certificate),
+                        "chain": ek.chain.iter().map(hex::encode).collect::<Vec<_>>(),
+                    },
+                    "ak": {
+                        "public": hex::encode(&ak.public),
+                        "name": hex::encode(&ak.name),
+                        "created": ak.created,
+                    },
+                    "runtime_pcr": cfg.runtime_pcr,
+                }),
+                TpmCommand::Quote { nonce } => {
+                    let nonce = hex_arg("nonce", &nonce)?;
+                    let mut pcrs = vouch_proto::BOOT_PCRS.to_vec();
+                    pcrs.push(cfg.runtime_pcr);
+                    serde_json::to_value(tpm.quote(&ak, &nonce, &pcrs)?)?
+                }
+                TpmCommand::Activate {
+                    id_object,
+                    encrypted_secret,
+                } => {
+                    let secret = tpm.activate_credential(
+                        &ak,
+                        &ek,
+                        &hex_arg("id-object", &id_object)?,
+                        &hex_arg("encrypted-secret", &encrypted_secret)?,
+                    )?;
+                    serde_json::json!({ "secret": hex::encode(secret) })
+                }
+                TpmCommand::Extend { digest } => {
+                    let d = hex_arg("digest", &digest)?;
+                    let d: [u8; 32] = d
+                        .try_into()
+                        .map_err(|_| anyhow::anyhow!("--digest must be 32 bytes"))?;
+                    tpm.pcr_extend(cfg.runtime_pcr, &d)?;
+                    serde_json::json!({ "extended": cfg.runtime_pcr })
+                }
+            };
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        }
+    }
+    Ok(())
+}
