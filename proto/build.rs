@@ -2,6 +2,7 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
-    tonic_prost_build::configure().compile_protos(&["proto/vouch/v1/attestation.proto"], &["proto"])?;
+    tonic_prost_build::configure()
+        .compile_protos(&["proto/vouch/v1/attestation.proto"], &["proto"])?;
     Ok(())
 }

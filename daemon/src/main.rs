@@ -12,7 +12,11 @@ use vouch_daemon::config::{Config, LogFormat};
 use vouch_daemon::tpm::{Ak, Ek, Tpm};
 
 #[derive(Parser, Debug)]
-#[command(name = "vouchd", version, about = "Vouch node daemon: TPM-rooted attestation of Dapr sidecars")]
+#[command(
+    name = "vouchd",
+    version,
+    about = "Vouch node daemon: TPM-rooted attestation of Dapr sidecars"
+)]
 struct Cli {
     /// TOML configuration file (VOUCHD_* environment variables override it).
     #[arg(long, short, global = true, env = "VOUCHD_CONFIG")]

@@ -28,7 +28,9 @@ use std::str::FromStr;
 use tss_esapi::abstraction::{ak, ek, AsymmetricAlgorithmSelection};
 use tss_esapi::attributes::SessionAttributesBuilder;
 use tss_esapi::constants::{CapabilityType, SessionType};
-use tss_esapi::handles::{AuthHandle, KeyHandle, NvIndexTpmHandle, ObjectHandle, PcrHandle, TpmHandle};
+use tss_esapi::handles::{
+    AuthHandle, KeyHandle, NvIndexTpmHandle, ObjectHandle, PcrHandle, TpmHandle,
+};
 use tss_esapi::interface_types::algorithm::{HashingAlgorithm, SignatureSchemeAlgorithm};
 use tss_esapi::interface_types::ecc::EccCurve;
 use tss_esapi::interface_types::key_bits::RsaKeyBits;
@@ -49,7 +51,9 @@ use vouch_proto::tpm::alg;
 #[derive(Debug, thiserror::Error)]
 pub enum TpmError {
     /// The TCTI configuration string is not valid.
-    #[error("invalid TCTI {tcti:?} (expected e.g. device:/dev/tpmrm0 or swtpm:path=/run/swtpm.sock)")]
+    #[error(
+        "invalid TCTI {tcti:?} (expected e.g. device:/dev/tpmrm0 or swtpm:path=/run/swtpm.sock)"
+    )]
     InvalidTcti {
         /// The string given.
         tcti: String,
@@ -284,7 +288,10 @@ fn der_len(buf: &[u8]) -> Option<usize> {
     let (hdr, len) = match buf[1] {
         n if n < 0x80 => (2, usize::from(n)),
         0x81 => (3, usize::from(*buf.get(2)?)),
-        0x82 => (4, usize::from(*buf.get(2)?) << 8 | usize::from(*buf.get(3)?)),
+        0x82 => (
+            4,
+            usize::from(*buf.get(2)?) << 8 | usize::from(*buf.get(3)?),
+        ),
         _ => return None,
     };
     let total = hdr + len;
@@ -350,9 +357,7 @@ impl Tpm {
             .execute_without_session(|c| c.get_capability(CapabilityType::Handles, index, 1))
             .map_err(cmd("GetCapability(HANDLES)"))?;
         Ok(match data {
-            CapabilityData::Handles(list) => list
-                .iter()
-                .any(|h| u32::from(*h) == index),
+            CapabilityData::Handles(list) => list.iter().any(|h| u32::from(*h) == index),
             _ => false,
         })
     }
@@ -374,20 +379,17 @@ impl Tpm {
 
     fn nv_read(&mut self, index: u32) -> Result<Vec<u8>> {
         let nv = NvIndexTpmHandle::new(index).map_err(cmd("NvIndexTpmHandle"))?;
-        let mut obj: ObjectHandle = self
+        let obj: ObjectHandle = self
             .ctx
             .execute_without_session(|c| c.tr_from_tpm_public(TpmHandle::NvIndex(nv)))
             .map_err(cmd("TR_FromTPMPublic(NV)"))?;
         let auth = NvAuth::NvIndex(obj.into());
-        let data = self
-            .ctx
+        // read_full closes (never flushes) the ESYS handles of the NV index.
+        self.ctx
             .execute_with_session(Some(AuthSession::Password), |c| {
                 tss_esapi::abstraction::nv::read_full(c, auth, nv)
             })
-            .map_err(cmd("NV_Read"));
-        // Close (never flush) the ESYS handle of a persistent NV index.
-        let _ = self.ctx.tr_close(&mut obj);
-        data
+            .map_err(cmd("NV_Read"))
     }
 
     /// Creates the EK from its TCG template and reads its certificate and
@@ -517,7 +519,10 @@ impl Tpm {
         fs::create_dir_all(state_dir).map_err(io(state_dir))?;
         write_private(&priv_path, created.out_private.value())?;
         write_private(&pub_path, &pub_bytes)?;
-        write_private(&meta_path, format!("ek={}\nalg={alg:?}\n", ek.kind.as_str()).as_bytes())?;
+        write_private(
+            &meta_path,
+            format!("ek={}\nalg={alg:?}\n", ek.kind.as_str()).as_bytes(),
+        )?;
         let handle = ak::load_ak(
             &mut self.ctx,
             ek.handle,
@@ -551,7 +556,9 @@ impl Tpm {
             Digest::try_from(digest.to_vec()).map_err(cmd("Digest"))?,
         );
         self.ctx
-            .execute_with_session(Some(AuthSession::Password), |c| c.pcr_extend(handle, values))
+            .execute_with_session(Some(AuthSession::Password), |c| {
+                c.pcr_extend(handle, values)
+            })
             .map_err(cmd("PCR_Extend"))
     }
 
@@ -615,11 +622,14 @@ impl Tpm {
                 })
                 .map_err(cmd("Quote"))?;
             let attest = attest.marshall().map_err(cmd("marshal TPMS_ATTEST"))?;
-            let signature = signature.marshall().map_err(cmd("marshal TPMT_SIGNATURE"))?;
-            let parsed = vouch_proto::tpm::Attest::parse(&attest).map_err(|e| TpmError::Malformed {
-                what: "TPMS_ATTEST",
-                detail: e.to_string(),
-            })?;
+            let signature = signature
+                .marshall()
+                .map_err(cmd("marshal TPMT_SIGNATURE"))?;
+            let parsed =
+                vouch_proto::tpm::Attest::parse(&attest).map_err(|e| TpmError::Malformed {
+                    what: "TPMS_ATTEST",
+                    detail: e.to_string(),
+                })?;
             let sig_hash = vouch_proto::tpm::Signature::parse(&signature)
                 .map_err(|e| TpmError::Malformed {
                     what: "TPMT_SIGNATURE",
@@ -660,7 +670,10 @@ impl Tpm {
             EncryptedSecret::try_from(encrypted_secret.to_vec()).map_err(cmd("EncryptedSecret"))?;
         let (ek_hash, ek_policy_or) = match ek.kind {
             EkKind::Rsa2048 => (HashingAlgorithm::Sha256, None),
-            EkKind::EccP384 => (HashingAlgorithm::Sha384, Some((EK_POLICY_A_SHA384, EK_POLICY_C_SHA384))),
+            EkKind::EccP384 => (
+                HashingAlgorithm::Sha384,
+                Some((EK_POLICY_A_SHA384, EK_POLICY_C_SHA384)),
+            ),
         };
         let session = self
             .ctx
@@ -729,11 +742,15 @@ impl Tpm {
     /// with an empty nonce (TPM2_ReadClock is not wrapped by tss-esapi).
     pub fn boot_counters(&mut self, ak: &Ak) -> Result<(u32, u32)> {
         let q = self.quote(ak, &[], &[0])?;
-        let attest = vouch_proto::tpm::Attest::parse(&q.attest).map_err(|e| TpmError::Malformed {
-            what: "TPMS_ATTEST",
-            detail: e.to_string(),
-        })?;
-        Ok((attest.clock_info.reset_count, attest.clock_info.restart_count))
+        let attest =
+            vouch_proto::tpm::Attest::parse(&q.attest).map_err(|e| TpmError::Malformed {
+                what: "TPMS_ATTEST",
+                detail: e.to_string(),
+            })?;
+        Ok((
+            attest.clock_info.reset_count,
+            attest.clock_info.restart_count,
+        ))
     }
 }
 
@@ -750,7 +767,8 @@ fn write_private(path: &Path, data: &[u8]) -> Result<()> {
         .mode(0o600)
         .open(&tmp)
         .map_err(err)?;
-    f.set_permissions(fs::Permissions::from_mode(0o600)).map_err(err)?;
+    f.set_permissions(fs::Permissions::from_mode(0o600))
+        .map_err(err)?;
     f.write_all(data).map_err(err)?;
     f.sync_all().map_err(err)?;
     fs::rename(&tmp, path).map_err(err)?;

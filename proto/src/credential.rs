@@ -72,7 +72,7 @@ pub fn kdfa(
 ) -> Vec<u8> {
     let key = ring::hmac::Key::new(hash.hmac(), key);
     let bytes = bits.div_ceil(8) as usize;
-    let mut out = Vec::with_capacity(bytes + hash.len());
+    let mut out = Vec::with_capacity(bytes + hash.digest_len());
     let mut counter: u32 = 1;
     while out.len() < bytes {
         let mut ctx = ring::hmac::Context::with_key(&key);
@@ -99,7 +99,7 @@ pub fn kdfe(
     bits: u32,
 ) -> Vec<u8> {
     let bytes = bits.div_ceil(8) as usize;
-    let mut out = Vec::with_capacity(bytes + hash.len());
+    let mut out = Vec::with_capacity(bytes + hash.digest_len());
     let mut counter: u32 = 1;
     while out.len() < bytes {
         let mut ctx = ring::digest::Context::new(hash.ring());
@@ -146,28 +146,32 @@ pub fn make_credential(
     let h = ek
         .name_hash()
         .ok_or(CredentialError::UnsupportedNameAlg(ek.name_alg))?;
-    if credential.len() > h.len() {
+    if credential.len() > h.digest_len() {
         return Err(CredentialError::CredentialTooLong {
             len: credential.len(),
-            max: h.len(),
+            max: h.digest_len(),
         });
     }
-    let sym = ek
-        .symmetric
-        .ok_or(CredentialError::UnsupportedSymmetric("EK has no symmetric definition"))?;
+    let sym = ek.symmetric.ok_or(CredentialError::UnsupportedSymmetric(
+        "EK has no symmetric definition",
+    ))?;
     if sym.alg != alg::AES || sym.mode != alg::CFB {
-        return Err(CredentialError::UnsupportedSymmetric("EK cipher is not AES-CFB"));
+        return Err(CredentialError::UnsupportedSymmetric(
+            "EK cipher is not AES-CFB",
+        ));
     }
     if sym.key_bits != 128 && sym.key_bits != 256 {
-        return Err(CredentialError::UnsupportedSymmetric("AES key bits not 128/256"));
+        return Err(CredentialError::UnsupportedSymmetric(
+            "AES key bits not 128/256",
+        ));
     }
-    let digest_bits = (h.len() * 8) as u32;
+    let digest_bits = (h.digest_len() * 8) as u32;
 
     let (seed, encrypted_secret) = match &ek.key {
         PublicKey::Rsa {
             exponent, modulus, ..
         } => {
-            let mut seed = Zeroizing::new(vec![0u8; h.len()]);
+            let mut seed = Zeroizing::new(vec![0u8; h.digest_len()]);
             fill_random(&mut seed)?;
             let n = rsa::BigUint::from_bytes_be(modulus);
             let e = rsa::BigUint::from(if *exponent == 0 { 65537 } else { *exponent });
@@ -202,7 +206,9 @@ pub fn make_credential(
                 _ => return Err(CredentialError::UnsupportedKey("EK curve not P-256/P-384")),
             };
             if x.len() > field || y.len() > field {
-                return Err(CredentialError::UnsupportedKey("EK point coordinate too long"));
+                return Err(CredentialError::UnsupportedKey(
+                    "EK point coordinate too long",
+                ));
             }
             let mut ek_point = vec![0u8; 1 + 2 * field];
             ek_point[0] = 4;

@@ -217,7 +217,7 @@ fn type_of(v: &Value) -> u8 {
     }
 }
 
-fn put_len(out: &mut Vec<u8>, at: usize) {
+fn put_len(out: &mut [u8], at: usize) {
     // Values are bounded by MAX_EVENT_LEN when decoded; an encoder caller
     // building > 4 GiB values is out of contract, saturate rather than wrap.
     let len = u32::try_from(out.len() - at - 4).unwrap_or(u32::MAX);

@@ -23,7 +23,13 @@ pub mod quote;
 pub mod tpm;
 
 /// The `vouch.v1` gRPC API generated from `proto/vouch/v1/attestation.proto`.
-#[allow(missing_docs, clippy::all, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#[allow(
+    missing_docs,
+    clippy::all,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic
+)]
 pub mod api {
     tonic::include_proto!("vouch.v1");
 }

@@ -142,8 +142,8 @@ impl AkVerifier {
     /// (RSASSA or RSAPSS, 2048 bits or more) with SHA-256/384 are accepted.
     pub fn new(ak: &Public) -> Result<Self, QuoteError> {
         let need = attr::FIXED_TPM | attr::RESTRICTED | attr::SIGN_ENCRYPT;
-        let restricted_ok = ak.object_attributes & need == need
-            && ak.object_attributes & attr::DECRYPT == 0;
+        let restricted_ok =
+            ak.object_attributes & need == need && ak.object_attributes & attr::DECRYPT == 0;
         let key = match &ak.key {
             PublicKey::Ecc {
                 scheme,
@@ -345,7 +345,12 @@ pub fn verify_quote(
             return Err(QuoteError::QualifiedSignerMismatch);
         }
     }
-    check_pcr_digest(&attest.quote.pcr_select, &attest.quote.pcr_digest, ak.hash(), pcrs)?;
+    check_pcr_digest(
+        &attest.quote.pcr_select,
+        &attest.quote.pcr_digest,
+        ak.hash(),
+        pcrs,
+    )?;
     Ok(attest)
 }
 
@@ -365,12 +370,13 @@ pub fn check_pcr_digest(
         for idx in sel.indices() {
             match pcrs.get(count) {
                 Some(p) if p.bank == sel.hash && p.index == idx => {
-                    let bank = HashAlg::from_tpm(p.bank).ok_or(QuoteError::UnsupportedHash(p.bank))?;
-                    if p.value.len() != bank.len() {
+                    let bank =
+                        HashAlg::from_tpm(p.bank).ok_or(QuoteError::UnsupportedHash(p.bank))?;
+                    if p.value.len() != bank.digest_len() {
                         return Err(QuoteError::PcrValueLength {
                             index: idx,
                             len: p.value.len(),
-                            expected: bank.len(),
+                            expected: bank.digest_len(),
                         });
                     }
                     ctx.update(&p.value);

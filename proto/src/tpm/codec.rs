@@ -208,6 +208,9 @@ mod tests {
     #[test]
     fn tpm2b_cap() {
         let mut r = Reader::new(&[0, 5, 1, 2, 3, 4, 5]);
-        assert!(matches!(r.tpm2b(4, "x"), Err(CodecError::TooLarge { size: 5, .. })));
+        assert!(matches!(
+            r.tpm2b(4, "x"),
+            Err(CodecError::TooLarge { size: 5, .. })
+        ));
     }
 }
