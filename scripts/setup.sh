@@ -31,7 +31,7 @@ else
   echo "setup: all system packages present"
 fi
 
-for tool in cargo swtpm swtpm_setup swtpm_localca tpm2_checkquote openssl protoc; do
+for tool in cargo swtpm swtpm_setup swtpm_localca tpm2_checkquote openssl protoc ip unshare python3 sha256sum; do
   if ! command -v "$tool" >/dev/null 2>&1; then
     echo "setup: required tool '$tool' is missing after installation" >&2
     exit 1

@@ -70,6 +70,12 @@ struct RawConfig {
     ak: Option<AkAlg>,
     runtime_pcr: Option<u8>,
     log_format: Option<LogFormat>,
+    matchers: Option<Vec<String>>,
+    dapr_ports: Option<Vec<u16>>,
+    rescan_interval_ms: Option<u64>,
+    max_file_bytes: Option<u64>,
+    containerd_socket: Option<PathBuf>,
+    containerd_namespaces: Option<Vec<String>>,
 }
 
 /// Validated vouchd configuration.
@@ -87,6 +93,12 @@ pub struct Config {
     pub runtime_pcr: u8,
     /// Log output format.
     pub log_format: LogFormat,
+    /// What to measure and how.
+    pub measure: crate::measure::MeasureConfig,
+    /// Safety-net /proc rescan interval.
+    pub rescan_interval: std::time::Duration,
+    /// containerd's gRPC socket (image lookups); absent socket = no lookups.
+    pub containerd_socket: PathBuf,
 }
 
 fn env_parse<T: serde::de::DeserializeOwned>(var: &'static str) -> Result<Option<T>, ConfigError> {
@@ -152,6 +164,18 @@ impl Config {
         if let Some(v) = env_parse("VOUCHD_LOG_FORMAT")? {
             raw.log_format = Some(v);
         }
+        if let Some(v) = env_parse::<String>("VOUCHD_MATCHERS")? {
+            raw.matchers = Some(v.split(',').map(|s| s.trim().to_owned()).collect());
+        }
+        if let Some(v) = env_parse("VOUCHD_RESCAN_INTERVAL_MS")? {
+            raw.rescan_interval_ms = Some(v);
+        }
+        if let Some(v) = env_parse::<String>("VOUCHD_CONTAINERD_SOCKET")? {
+            raw.containerd_socket = Some(v.into());
+        }
+        if let Some(v) = env_parse::<String>("VOUCHD_CONTAINERD_NAMESPACES")? {
+            raw.containerd_namespaces = Some(v.split(',').map(|s| s.trim().to_owned()).collect());
+        }
         Self::validate(raw)
     }
 
@@ -191,7 +215,44 @@ impl Config {
                 reason: "empty".into(),
             });
         }
+        let mut measure = crate::measure::MeasureConfig::default();
+        if let Some(m) = raw.matchers {
+            if m.is_empty() || m.iter().any(|x| x.is_empty()) {
+                return Err(ConfigError::Invalid {
+                    field: "matchers",
+                    reason: "must name at least one non-empty process name".into(),
+                });
+            }
+            measure.matchers = m;
+        }
+        if let Some(p) = raw.dapr_ports {
+            measure.dapr_ports = p;
+        }
+        if let Some(b) = raw.max_file_bytes {
+            if b == 0 {
+                return Err(ConfigError::Invalid {
+                    field: "max_file_bytes",
+                    reason: "must be positive".into(),
+                });
+            }
+            measure.max_file_bytes = b;
+        }
+        if let Some(n) = raw.containerd_namespaces {
+            measure.containerd_namespaces = n;
+        }
+        let rescan = raw.rescan_interval_ms.unwrap_or(5000);
+        if !(100..=3_600_000).contains(&rescan) {
+            return Err(ConfigError::Invalid {
+                field: "rescan_interval_ms",
+                reason: format!("{rescan} is outside 100..=3600000"),
+            });
+        }
         Ok(Self {
+            measure,
+            rescan_interval: std::time::Duration::from_millis(rescan),
+            containerd_socket: raw
+                .containerd_socket
+                .unwrap_or_else(|| "/run/containerd/containerd.sock".into()),
             tcti,
             state_dir: raw.state_dir.unwrap_or_else(|| "/var/lib/vouch".into()),
             ek: raw.ek.unwrap_or_default(),

@@ -7,4 +7,12 @@
 //! - [`config`]: TOML configuration with environment overrides.
 
 pub mod config;
+pub mod containerd;
+pub mod daemon;
+pub mod dapr;
+pub mod hash;
+pub mod measure;
+pub mod procfs;
+pub mod runlog;
+pub mod sys;
 pub mod tpm;

@@ -9,6 +9,8 @@ use std::path::PathBuf;
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 use vouch_daemon::config::{Config, LogFormat};
+use vouch_daemon::daemon::{Daemon, TpmPcr};
+use vouch_daemon::measure::Measurer;
 use vouch_daemon::tpm::{Ak, Ek, Tpm};
 
 #[derive(Parser, Debug)]
@@ -33,6 +35,16 @@ enum Command {
     /// TPM operations: identity, quotes, credential activation.
     #[command(subcommand)]
     Tpm(TpmCommand),
+    /// One scan of the node, no TPM needed: every daprd instance with its
+    /// measurements and anomalies (raw material for policies).
+    Measure {
+        /// Print JSON (default: one line per instance and anomaly).
+        #[arg(long)]
+        json: bool,
+    },
+    /// The long-running daemon: discover and measure every daprd into the
+    /// TPM-backed runtime log.
+    Run,
 }
 
 #[derive(Subcommand, Debug)]
@@ -98,6 +110,12 @@ fn open(cfg: &Config) -> Result<(Tpm, Ek, Ak)> {
     Ok((tpm, ek, ak))
 }
 
+fn containerd_resolver(cfg: &Config) -> Option<vouch_daemon::containerd::Containerd> {
+    cfg.containerd_socket
+        .exists()
+        .then(|| vouch_daemon::containerd::Containerd::new(cfg.containerd_socket.clone()))
+}
+
 fn hex_arg(name: &str, v: &str) -> Result<Vec<u8>> {
     hex::decode(v.trim()).with_context(|| format!("--{name} is not valid hex"))
 }
@@ -111,6 +129,59 @@ fn main() -> Result<()> {
         cfg.log_format
     });
     match cli.command {
+        Command::Measure { json } => {
+            let mut measurer = Measurer::new(cfg.measure.clone());
+            let mut resolver = containerd_resolver(&cfg);
+            let r = resolver
+                .as_mut()
+                .map(|r| r as &mut dyn vouch_daemon::measure::ImageResolver);
+            let (instances, anomalies) = vouch_daemon::daemon::measure_once(&mut measurer, r);
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "instances": instances,
+                        "anomalies": anomalies,
+                    }))?
+                );
+            } else {
+                for m in &instances {
+                    println!(
+                        "daprd pid {} app-id {} exe {} sha256 {} netns {} listeners {}",
+                        m.id.pid,
+                        m.flags.app_id.as_deref().unwrap_or("-"),
+                        m.exe.path,
+                        m.exe.sha256.as_deref().unwrap_or("?"),
+                        m.netns,
+                        m.listeners.len()
+                    );
+                }
+                for a in &anomalies {
+                    println!("ANOMALY {:?}: {}", a.kind, a.detail);
+                }
+            }
+        }
+        Command::Run => {
+            let (tpm, _ek, ak) = open(&cfg)?;
+            let pcr = TpmPcr {
+                tpm,
+                ak,
+                index: cfg.runtime_pcr,
+            };
+            let resolver = containerd_resolver(&cfg)
+                .map(|r| Box::new(r) as Box<dyn vouch_daemon::measure::ImageResolver>);
+            let daemon = Daemon::new(
+                pcr,
+                &cfg.state_dir,
+                Measurer::new(cfg.measure.clone()),
+                resolver,
+                cfg.rescan_interval,
+            )?;
+            if let vouch_daemon::runlog::LogState::IntegrityLost { reason } = daemon.log_state() {
+                tracing::error!(%reason, "runtime log integrity LOST for this boot; the verifier will treat this node as failed");
+            }
+            daemon.run()?;
+        }
         Command::Tpm(cmd) => {
             let (mut tpm, ek, ak) = open(&cfg)?;
             let out = match cmd {

@@ -321,7 +321,51 @@ impl Tpm {
             tcti: tcti.to_owned(),
             source,
         })?;
-        Ok(Self { ctx })
+        let mut me = Self { ctx };
+        me.flush_stale()?;
+        Ok(me)
+    }
+
+    /// Flushes transient objects and sessions left in the TPM by a previous
+    /// vouchd that died without flushing them. Without a resource manager
+    /// (swtpm, a raw /dev/tpm0) they would exhaust the 3 object slots
+    /// (TPM_RC_OBJECT_MEMORY); behind /dev/tpmrm0 only our own are visible.
+    fn flush_stale(&mut self) -> Result<()> {
+        for (start, what) in [
+            (0x8000_0000u32, "transient objects"),
+            (0x0200_0000, "loaded sessions"),
+            (0x0300_0000, "saved sessions"),
+        ] {
+            let (data, _) = self
+                .ctx
+                .execute_without_session(|c| c.get_capability(CapabilityType::Handles, start, 64))
+                .map_err(cmd("GetCapability(HANDLES)"))?;
+            let CapabilityData::Handles(list) = data else {
+                continue;
+            };
+            for h in list.iter() {
+                let raw = u32::from(*h);
+                if raw & 0xff00_0000 != start {
+                    continue;
+                }
+                let handle = self
+                    .ctx
+                    .execute_without_session(|c| c.tr_from_tpm_public(*h))
+                    .map_err(cmd("TR_FromTPMPublic(stale)"));
+                match handle {
+                    Ok(obj) => {
+                        if self.ctx.flush_context(obj).is_ok() {
+                            tracing::debug!(
+                                handle = format!("0x{raw:08x}"),
+                                "flushed stale {what}"
+                            );
+                        }
+                    }
+                    Err(e) => tracing::debug!(error = %e, "cannot open stale handle"),
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Manufacturer and vendor strings, and whether this is a software TPM.

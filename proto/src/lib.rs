@@ -18,6 +18,7 @@
 
 pub mod credential;
 pub mod event;
+pub mod measurement;
 pub mod name;
 pub mod quote;
 pub mod tpm;

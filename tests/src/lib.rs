@@ -6,8 +6,10 @@
 //!
 //! Trust boundary: none; this crate only drives real parts in tests.
 
+pub mod netns;
 pub mod proc;
 pub mod swtpm;
+pub mod vouchd;
 
 /// True when running under CI (`CI=true`), where a missing tool is a
 /// failure, never a skip.

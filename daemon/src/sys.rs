@@ -1,0 +1,220 @@
+//! The daemon's only unsafe code: two Linux interfaces with no safe wrapper
+//! in our dependencies.
+//!
+//! - [`open_in_root`]: `openat2(RESOLVE_IN_ROOT)` under /proc/PID/root, so a
+//!   container's symlinks resolve inside the container (a link to
+//!   `/etc/x` must not make us measure the host's `/etc/x`).
+//! - [`ProcConnector`]: the kernel's process-event connector (netlink
+//!   `NETLINK_CONNECTOR`, group `CN_IDX_PROC`), which reports every exec and
+//!   exit as it happens. Needs CAP_NET_ADMIN (root).
+//!
+//! Trust boundary: netlink messages come from the kernel (checked: sender
+//! port id 0) and are parsed with bounds checks; paths come from measured
+//! processes and are confined by the kernel's RESOLVE_IN_ROOT.
+#![allow(unsafe_code)]
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+/// Opens `path` (as the process sees it) read-only, resolving every
+/// component inside /proc/PID/root, never following magic links.
+pub fn open_in_root(pid: u32, path: &str) -> io::Result<File> {
+    let root = File::open(format!("/proc/{pid}/root"))?;
+    let rel = path.trim_start_matches('/');
+    let rel = if rel.is_empty() { "." } else { rel };
+    let c = CString::new(rel)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))?;
+    // SAFETY: open_how is plain data; all-zero is a valid value.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOCTTY) as u64;
+    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: `root` is an open directory fd for the duration of the call,
+    // `c` is a NUL-terminated string, and `how` is a fully initialised
+    // open_how whose size we pass; the kernel only reads them.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            root.as_raw_fd(),
+            c.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the syscall returned a new fd that nothing else owns.
+    Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd as i32) }))
+}
+
+/// An exec or exit reported by the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProcEvent {
+    /// A process (thread-group leader) called execve.
+    Exec {
+        /// The pid.
+        pid: u32,
+    },
+    /// A process (thread-group leader) exited.
+    Exit {
+        /// The pid.
+        pid: u32,
+    },
+    /// The kernel dropped events (socket buffer full): rescan /proc.
+    Overflow,
+}
+
+/// A subscription to the kernel's process events.
+#[derive(Debug)]
+pub struct ProcConnector {
+    fd: OwnedFd,
+}
+
+const NLMSG_HDR: usize = 16;
+const CN_MSG: usize = 20;
+
+impl ProcConnector {
+    /// Subscribes to process events.
+    pub fn open() -> io::Result<Self> {
+        // SAFETY: plain socket(2) call; the result is checked.
+        let raw = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+                libc::NETLINK_CONNECTOR,
+            )
+        };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fresh fd owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: sockaddr_nl is plain data; zeroed is a valid value.
+        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        addr.nl_family = libc::AF_NETLINK as u16;
+        addr.nl_pid = 0; // let the kernel assign a port id
+        addr.nl_groups = libc::CN_IDX_PROC;
+        // SAFETY: addr is a valid sockaddr_nl and its size is passed.
+        let r = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                &addr as *const libc::sockaddr_nl as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_nl>() as u32,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // A larger receive buffer makes overflow under exec storms rarer.
+        let size: libc::c_int = 4 << 20;
+        // SAFETY: valid fd, option value pointer and length.
+        unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                &size as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as u32,
+            );
+        }
+        // nlmsghdr + cn_msg + op: PROC_CN_MCAST_LISTEN.
+        let total = NLMSG_HDR + CN_MSG + 4;
+        let mut msg = Vec::with_capacity(total);
+        msg.extend_from_slice(&(total as u32).to_ne_bytes());
+        msg.extend_from_slice(&(libc::NLMSG_DONE as u16).to_ne_bytes());
+        msg.extend_from_slice(&0u16.to_ne_bytes());
+        msg.extend_from_slice(&0u32.to_ne_bytes());
+        msg.extend_from_slice(&std::process::id().to_ne_bytes());
+        msg.extend_from_slice(&libc::CN_IDX_PROC.to_ne_bytes());
+        msg.extend_from_slice(&libc::CN_VAL_PROC.to_ne_bytes());
+        msg.extend_from_slice(&0u32.to_ne_bytes()); // seq
+        msg.extend_from_slice(&0u32.to_ne_bytes()); // ack
+        msg.extend_from_slice(&4u16.to_ne_bytes()); // len
+        msg.extend_from_slice(&0u16.to_ne_bytes()); // flags
+        msg.extend_from_slice(&libc::PROC_CN_MCAST_LISTEN.to_ne_bytes());
+        // SAFETY: msg is a valid buffer of msg.len() bytes.
+        let n = unsafe { libc::send(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self { fd })
+    }
+
+    /// Blocks until the kernel reports events; appends execs and exits of
+    /// thread-group leaders to `out`.
+    pub fn recv(&self, out: &mut Vec<ProcEvent>) -> io::Result<()> {
+        let mut buf = [0u8; 8192];
+        // SAFETY: buf is a valid writable buffer of buf.len() bytes.
+        let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENOBUFS) {
+                out.push(ProcEvent::Overflow);
+                return Ok(());
+            }
+            return Err(e);
+        }
+        parse_messages(&buf[..n as usize], out);
+        Ok(())
+    }
+}
+
+fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+/// Parses a netlink datagram of connector messages (bounds-checked).
+pub fn parse_messages(mut b: &[u8], out: &mut Vec<ProcEvent>) {
+    while b.len() >= NLMSG_HDR {
+        let Some(len) = u32_at(b, 0).map(|l| l as usize) else {
+            return;
+        };
+        if len < NLMSG_HDR || len > b.len() {
+            return;
+        }
+        let msg = &b[..len];
+        // proc_event starts after nlmsghdr and cn_msg: what, cpu, timestamp.
+        let ev = NLMSG_HDR + CN_MSG;
+        if let Some(what) = u32_at(msg, ev) {
+            let data = ev + 16;
+            let pid = u32_at(msg, data);
+            let tgid = u32_at(msg, data + 4);
+            if let (Some(pid), Some(tgid)) = (pid, tgid) {
+                if pid == tgid {
+                    if what == libc::PROC_EVENT_EXEC {
+                        out.push(ProcEvent::Exec { pid });
+                    } else if what == libc::PROC_EVENT_EXIT {
+                        out.push(ProcEvent::Exit { pid });
+                    }
+                }
+            }
+        }
+        let aligned = (len + 3) & !3;
+        b = b.get(aligned..).unwrap_or(&[]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn parse_never_panics(b in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let mut v = Vec::new();
+            parse_messages(&b, &mut v);
+        }
+    }
+
+    #[test]
+    fn open_in_root_opens_and_rejects_nul() {
+        let me = std::process::id();
+        let exe = std::env::current_exe().unwrap();
+        assert!(open_in_root(me, exe.to_str().unwrap()).is_ok());
+        assert!(open_in_root(me, "/a\0b").is_err());
+        assert!(open_in_root(me, "/definitely/not/here").is_err());
+    }
+}
