@@ -10,6 +10,7 @@ PKGS=(
   tpm2-tools                    # tpm2_checkquote interop test
   openssl                       # X.509 path validation interop test
   iproute2 util-linux procps    # ip netns / unshare / ps for end-to-end tests
+  containerd runc               # a real container runtime for end-to-end tests
 )
 
 missing=()
@@ -31,7 +32,7 @@ else
   echo "setup: all system packages present"
 fi
 
-for tool in cargo swtpm swtpm_setup swtpm_localca tpm2_checkquote openssl protoc ip unshare python3 sha256sum; do
+for tool in cargo swtpm swtpm_setup swtpm_localca tpm2_checkquote openssl protoc ip unshare python3 sha256sum containerd ctr runc; do
   if ! command -v "$tool" >/dev/null 2>&1; then
     echo "setup: required tool '$tool' is missing after installation" >&2
     exit 1

@@ -107,6 +107,10 @@ pub struct Daemon {
     seq: u64,
     rescan: Duration,
     ready_file: PathBuf,
+    /// Pids checked and found not to be daprd; valid while the kernel's
+    /// exec events arrive (an exec removes its pid, an overflow clears all).
+    cleared: HashSet<u32>,
+    connector_alive: bool,
 }
 
 /// SHA-256 of the running vouchd executable.
@@ -185,6 +189,8 @@ impl Daemon {
             seq: 0,
             rescan,
             ready_file: state_dir.join("vouchd.ready"),
+            cleared: HashSet::new(),
+            connector_alive: true,
         })
     }
 
@@ -354,6 +360,13 @@ impl Daemon {
 
     /// Re-measures a tracked instance; logs it if anything changed.
     fn recheck(&mut self, pid: u32, changed_path: Option<&str>) -> Result<(), DaemonError> {
+        self.recheck_one(pid, changed_path)?;
+        self.check_anomalies()
+    }
+
+    /// Re-measures one instance without the namespace-wide anomaly check.
+    fn recheck_one(&mut self, pid: u32, changed_path: Option<&str>) -> Result<(), DaemonError> {
+        tracing::trace!(pid, ?changed_path, "recheck");
         let Some(old) = self.instances.get(&pid).map(|t| t.m.clone()) else {
             return Ok(());
         };
@@ -393,7 +406,7 @@ impl Daemon {
             self.untrack(pid);
             self.track(new);
         }
-        self.check_anomalies()
+        Ok(())
     }
 
     fn anomaly_key(a: &Anomaly) -> String {
@@ -420,7 +433,18 @@ impl Daemon {
     }
 
     fn rescan_now(&mut self) -> Result<(), DaemonError> {
-        let live: HashSet<u32> = self.measurer.scan().into_iter().collect();
+        let mut cleared = std::mem::take(&mut self.cleared);
+        let found = self.measurer.scan_with(&mut cleared);
+        self.cleared = cleared;
+        let live: HashSet<u32> = found
+            .into_iter()
+            .chain(
+                self.instances
+                    .keys()
+                    .copied()
+                    .filter(|p| procfs::path(*p, "comm").exists()),
+            )
+            .collect();
         let known: Vec<u32> = self.instances.keys().copied().collect();
         for pid in known {
             if !live.contains(&pid) {
@@ -433,18 +457,28 @@ impl Daemon {
         // Listeners and exe state can change without any event we see.
         let pids: Vec<u32> = self.instances.keys().copied().collect();
         for pid in pids {
-            self.recheck(pid, None)?;
+            self.recheck_one(pid, None)?;
         }
-        Ok(())
+        self.check_anomalies()
     }
 
     fn on_fs(&mut self, ev: notify::Event) -> Result<(), DaemonError> {
-        if matches!(ev.kind, notify::EventKind::Access(_)) {
+        tracing::trace!(?ev, "file event");
+        // Reads, opens and metadata changes (atime, chmod) change no content.
+        if matches!(
+            ev.kind,
+            notify::EventKind::Access(_)
+                | notify::EventKind::Modify(notify::event::ModifyKind::Metadata(_))
+        ) {
             return Ok(());
         }
-        // Any change can alter a file we hashed: drop cached digests.
-        self.measurer.cache.clear();
         for path in &ev.paths {
+            // Drop the cached digest of the changed file's inode (the cache
+            // key's size/mtime/ctime would miss it too; this is belt and braces).
+            if let Ok(meta) = std::fs::metadata(path) {
+                use std::os::unix::fs::MetadataExt;
+                self.measurer.cache.forget_inode(meta.dev(), meta.ino());
+            }
             let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
             let hit: Vec<u32> = self
                 .instances
@@ -485,15 +519,21 @@ impl Daemon {
                     let _ = std::fs::remove_file(&self.ready_file);
                     return Ok(());
                 }
-                Ok(Msg::Proc(ProcEvent::Exec { pid })) => self.consider(pid)?,
+                Ok(Msg::Proc(ProcEvent::Exec { pid })) => {
+                    self.cleared.remove(&pid);
+                    self.consider(pid)?
+                }
                 Ok(Msg::Proc(ProcEvent::Exit { pid })) => self.exited(pid)?,
                 Ok(Msg::Proc(ProcEvent::Overflow)) => {
                     tracing::warn!("kernel dropped process events; rescanning /proc");
+                    self.cleared.clear();
                     self.rescan_now()?;
                 }
                 Ok(Msg::Fs(ev)) => self.on_fs(ev)?,
                 Ok(Msg::ConnectorDied(e)) => {
-                    tracing::error!(error = %e, "process-event connector failed; relying on /proc rescans");
+                    tracing::error!(error = %e, "process-event connector failed; relying on full /proc rescans");
+                    self.connector_alive = false;
+                    self.cleared.clear();
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => {}
@@ -506,6 +546,9 @@ impl Daemon {
                 self.schedule.remove(&(t, s));
                 match task {
                     Task::Rescan => {
+                        if !self.connector_alive {
+                            self.cleared.clear();
+                        }
                         self.rescan_now()?;
                         self.at(self.rescan, Task::Rescan);
                     }

@@ -130,18 +130,49 @@ impl Measurer {
         }
     }
 
-    /// Every daprd pid on the node (a /proc scan).
+    /// Every daprd pid on the node (a full /proc scan). Matches on comm, the
+    /// cheapest per-process read; the executable name is consulted only
+    /// where comm may be a truncation of a matcher (comm holds 15 bytes).
     pub fn scan(&self) -> Vec<u32> {
+        self.scan_with(&mut std::collections::HashSet::new())
+    }
+
+    /// Like [`Measurer::scan`], but skips pids in `cleared` (processes known
+    /// not to be daprd, whose exec would have been reported by the kernel)
+    /// and records the non-daprd pids it checks there. Pids no longer in
+    /// /proc are dropped from `cleared`.
+    pub fn scan_with(&self, cleared: &mut std::collections::HashSet<u32>) -> Vec<u32> {
         let me = std::process::id();
-        procfs::pids()
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|pid| *pid != me)
-            .filter(|pid| match procfs::stat(*pid) {
-                Ok(st) => self.is_daprd(*pid, &st.comm),
-                Err(_) => false,
-            })
-            .collect()
+        let mut buf = Vec::with_capacity(32);
+        let mut out = Vec::new();
+        let pids = procfs::pids().unwrap_or_default();
+        if !cleared.is_empty() {
+            let live: std::collections::HashSet<u32> = pids.iter().copied().collect();
+            cleared.retain(|p| live.contains(p));
+        }
+        for pid in pids {
+            if pid == me || cleared.contains(&pid) || procfs::comm_into(pid, &mut buf).is_err() {
+                continue;
+            }
+            let hit = self
+                .cfg
+                .matchers
+                .iter()
+                .any(|m| m.as_bytes() == buf.as_slice())
+                || (buf.len() == 15
+                    && self
+                        .cfg
+                        .matchers
+                        .iter()
+                        .any(|m| m.as_bytes().starts_with(&buf))
+                    && self.is_daprd(pid, ""));
+            if hit {
+                out.push(pid);
+            } else {
+                cleared.insert(pid);
+            }
+        }
+        out
     }
 
     /// The identity of `pid` now.

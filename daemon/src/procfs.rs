@@ -69,6 +69,16 @@ pub fn stat(pid: u32) -> io::Result<Stat> {
     parse_stat(&buf).ok_or_else(|| invalid("unparsable /proc/PID/stat"))
 }
 
+/// Reads /proc/PID/comm (the cheapest per-process read) into `buf`,
+/// without the trailing newline.
+pub fn comm_into(pid: u32, buf: &mut Vec<u8>) -> io::Result<()> {
+    read_small(&path(pid, "comm"), buf)?;
+    if buf.last() == Some(&b'\n') {
+        buf.pop();
+    }
+    Ok(())
+}
+
 /// Numeric entries of /proc.
 pub fn pids() -> io::Result<Vec<u32>> {
     let mut out = Vec::with_capacity(1024);
@@ -267,12 +277,29 @@ pub fn parse_unix(content: &str) -> Vec<NsListener> {
         .collect()
 }
 
-/// All listening sockets in the network namespace of `pid`.
+/// All listening sockets in the network namespace of `pid`: TCP through
+/// sock_diag (cheap), falling back to /proc/PID/net/tcp{,6} (which walks the
+/// kernel's whole connection table: milliseconds per read), and unix
+/// sockets from /proc/PID/net/unix.
 pub fn ns_listeners(pid: u32) -> io::Result<Vec<NsListener>> {
-    let mut out = parse_tcp(&fs::read_to_string(path(pid, "net/tcp"))?, false);
-    if let Ok(s) = fs::read_to_string(path(pid, "net/tcp6")) {
-        out.extend(parse_tcp(&s, true));
-    }
+    let mut out = match crate::sys::tcp_listeners(pid) {
+        Ok(v) => v
+            .into_iter()
+            .map(|t| NsListener {
+                proto: if t.family == 6 { "tcp6" } else { "tcp" },
+                address: t.addr.to_string(),
+                port: t.port,
+                inode: t.inode,
+            })
+            .collect(),
+        Err(_) => {
+            let mut v = parse_tcp(&fs::read_to_string(path(pid, "net/tcp"))?, false);
+            if let Ok(s) = fs::read_to_string(path(pid, "net/tcp6")) {
+                v.extend(parse_tcp(&s, true));
+            }
+            v
+        }
+    };
     if let Ok(s) = fs::read_to_string(path(pid, "net/unix")) {
         out.extend(parse_unix(&s));
     }

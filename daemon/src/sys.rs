@@ -206,7 +206,20 @@ mod tests {
         fn parse_never_panics(b in proptest::collection::vec(any::<u8>(), 0..200)) {
             let mut v = Vec::new();
             parse_messages(&b, &mut v);
+            let mut t = Vec::new();
+            let _ = parse_diag(&b, &mut t);
         }
+    }
+
+    #[test]
+    fn sock_diag_sees_a_listener() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let found = tcp_listeners(std::process::id()).unwrap();
+        assert!(
+            found.iter().any(|t| t.port == port && t.inode != 0),
+            "{found:?}"
+        );
     }
 
     #[test]
@@ -217,4 +230,131 @@ mod tests {
         assert!(open_in_root(me, "/a\0b").is_err());
         assert!(open_in_root(me, "/definitely/not/here").is_err());
     }
+}
+
+/// A TCP listening socket reported by sock_diag.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpListen {
+    /// 4 or 6.
+    pub family: u8,
+    /// Local address.
+    pub addr: std::net::IpAddr,
+    /// Local port.
+    pub port: u16,
+    /// Socket inode.
+    pub inode: u64,
+}
+
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const TCP_LISTEN_STATE: u32 = 10;
+
+fn diag_dump(fd: &OwnedFd, family: u8, out: &mut Vec<TcpListen>) -> io::Result<()> {
+    // nlmsghdr (16) + inet_diag_req_v2 (56).
+    let total = NLMSG_HDR + 56;
+    let mut req = Vec::with_capacity(total);
+    req.extend_from_slice(&(total as u32).to_ne_bytes());
+    req.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    req.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes());
+    req.extend_from_slice(&1u32.to_ne_bytes());
+    req.extend_from_slice(&0u32.to_ne_bytes());
+    req.push(family);
+    req.push(libc::IPPROTO_TCP as u8);
+    req.push(0); // ext
+    req.push(0); // pad
+    req.extend_from_slice(&(1u32 << TCP_LISTEN_STATE).to_ne_bytes());
+    req.extend_from_slice(&[0u8; 48]); // inet_diag_sockid: match all
+                                       // SAFETY: req is a valid buffer of req.len() bytes.
+    if unsafe { libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        // SAFETY: buf is a valid writable buffer of buf.len() bytes.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if parse_diag(&buf[..n as usize], out)? {
+            return Ok(());
+        }
+    }
+}
+
+/// Parses one datagram of inet_diag replies; true at NLMSG_DONE.
+pub fn parse_diag(mut b: &[u8], out: &mut Vec<TcpListen>) -> io::Result<bool> {
+    while b.len() >= NLMSG_HDR {
+        let len = u32_at(b, 0).unwrap_or(0) as usize;
+        if len < NLMSG_HDR || len > b.len() {
+            return Ok(true);
+        }
+        let ty = u16::from_ne_bytes([b[4], b[5]]);
+        if ty == libc::NLMSG_DONE as u16 {
+            return Ok(true);
+        }
+        if ty == libc::NLMSG_ERROR as u16 {
+            let code = u32_at(b, NLMSG_HDR).map_or(0, |c| c as i32);
+            return Err(io::Error::from_raw_os_error(-code));
+        }
+        let m = &b[NLMSG_HDR..len];
+        // inet_diag_msg: family, state, timer, retrans, sockid{sport(be16),
+        // dport(be16), src[16], dst[16], if(4), cookie(8)}, expires, rqueue,
+        // wqueue, uid, inode.
+        if m.len() >= 72 {
+            let family = m[0];
+            let port = u16::from_be_bytes([m[4], m[5]]);
+            let addr = if family == libc::AF_INET6 as u8 {
+                let mut a = [0u8; 16];
+                a.copy_from_slice(&m[8..24]);
+                std::net::IpAddr::from(a)
+            } else {
+                std::net::IpAddr::from([m[8], m[9], m[10], m[11]])
+            };
+            let inode = u64::from(u32_at(m, 68).unwrap_or(0));
+            out.push(TcpListen {
+                family: if family == libc::AF_INET6 as u8 { 6 } else { 4 },
+                addr,
+                port,
+                inode,
+            });
+        }
+        let aligned = (len + 3) & !3;
+        b = b.get(aligned..).unwrap_or(&[]);
+    }
+    Ok(false)
+}
+
+/// TCP listening sockets (v4 and v6) in the network namespace of `pid`,
+/// through sock_diag: unlike /proc/net/tcp it does not walk the kernel's
+/// whole established-connection table, so it costs microseconds.
+pub fn tcp_listeners(pid: u32) -> io::Result<Vec<TcpListen>> {
+    let ns = File::open(format!("/proc/{pid}/ns/net"))?;
+    // setns(2) changes only the calling thread's namespace: do it on a
+    // short-lived thread so the daemon's threads never move.
+    std::thread::scope(|s| {
+        s.spawn(|| -> io::Result<Vec<TcpListen>> {
+            // SAFETY: ns is an open namespace fd; CLONE_NEWNET checks its type.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: plain socket(2) call; the result is checked.
+            let raw = unsafe {
+                libc::socket(
+                    libc::AF_NETLINK,
+                    libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+                    libc::NETLINK_SOCK_DIAG,
+                )
+            };
+            if raw < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: fresh fd owned by nobody else.
+            let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+            let mut out = Vec::new();
+            diag_dump(&fd, libc::AF_INET as u8, &mut out)?;
+            diag_dump(&fd, libc::AF_INET6 as u8, &mut out)?;
+            Ok(out)
+        })
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("sock_diag thread failed")))
+    })
 }

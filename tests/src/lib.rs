@@ -6,6 +6,7 @@
 //!
 //! Trust boundary: none; this crate only drives real parts in tests.
 
+pub mod containerd;
 pub mod netns;
 pub mod proc;
 pub mod swtpm;

@@ -520,7 +520,8 @@ fn bad_input_never_crashes_vouchd() {
     std::thread::sleep(Duration::from_millis(1500));
     assert!(v.running(), "vouchd died");
     // And it still measures new instances afterwards.
-    let d3 = standin(&Netns::new().unwrap(), &["--app-id", "after"], &[]);
+    let ns3 = Netns::new().unwrap();
+    let d3 = standin(&ns3, &["--app-id", "after"], &[]);
     v.wait_for("measured after the storm", WAIT, |e| {
         !measurements(e, d3.pid()).is_empty()
     })
