@@ -24,7 +24,30 @@ struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
+enum PolicyCommand {
+    /// Validate policy files; errors name the file, line and field.
+    Check {
+        /// Policy YAML files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Turn `vouchd measure --json` output into a starting policy that pins
+    /// what it saw (daprd digests, images, files, posture, placement).
+    Generate {
+        /// The measure output (default: standard input).
+        #[arg(long)]
+        input: Option<PathBuf>,
+        /// metadata.name of the generated policy.
+        #[arg(long, default_value = "generated")]
+        name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum Command {
+    /// Policy tools.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Verify a quote offline from a JSON evidence file with fields
     /// ek_public, ak_public, nonce, attest, signature (hex) and pcrs
     /// (as in test-data/quotes/*.json).
@@ -61,6 +84,37 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
+        Command::Policy(PolicyCommand::Check { files }) => {
+            let mut failed = 0;
+            for f in &files {
+                match vouch_verifier::policy::Policy::load(f) {
+                    Ok(p) => println!(
+                        "{}: ok (policy {:?}, mode {:?})",
+                        f.display(),
+                        p.metadata.name,
+                        p.spec.mode
+                    ),
+                    Err(e) => {
+                        eprintln!("{e}");
+                        failed += 1;
+                    }
+                }
+            }
+            if failed > 0 {
+                anyhow::bail!("{failed} of {} policy files invalid", files.len());
+            }
+        }
+        Command::Policy(PolicyCommand::Generate { input, name }) => {
+            let text = match &input {
+                Some(p) => std::fs::read_to_string(p)
+                    .with_context(|| format!("reading {}", p.display()))?,
+                None => {
+                    std::io::read_to_string(std::io::stdin()).context("reading standard input")?
+                }
+            };
+            let policy = vouch_verifier::policy::generate(&text, &name)?;
+            print!("{}", serde_yaml::to_string(&policy)?);
+        }
         Command::VerifyQuote { file } => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;

@@ -1,0 +1,9 @@
+//! # vouch-verifier
+//!
+//! The central verifier's library: policies ([`policy`]) and the pure
+//! appraisal function ([`appraise`]). Builds and runs without libtss2: all
+//! TPM structures are checked by vouch-proto in pure Rust.
+
+pub mod appraise;
+pub mod policy;
+pub mod simnode;
