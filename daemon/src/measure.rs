@@ -459,35 +459,33 @@ impl Measurer {
         let mut by_ns: BTreeMap<u64, Vec<&Measurement>> = BTreeMap::new();
         for m in instances {
             by_ns.entry(m.netns).or_default().push(m);
+            let exe_anomaly = |kind, detail: String| Anomaly {
+                kind,
+                instance: Some(m.id),
+                netns: m.netns,
+                other_pid: None,
+                other_exe: None,
+                port: None,
+                path: Some(m.exe.path.clone()),
+                detail,
+            };
             if m.exe.deleted {
-                out.push(Anomaly {
-                    kind: AnomalyKind::ExeDeleted,
-                    instance: Some(m.id),
-                    netns: m.netns,
-                    other_pid: None,
-                    other_exe: None,
-                    port: None,
-                    path: Some(m.exe.path.clone()),
-                    detail: format!(
+                out.push(exe_anomaly(
+                    AnomalyKind::ExeDeleted,
+                    format!(
                         "executable {} of daprd {} was deleted while running",
                         m.exe.path, m.id
                     ),
-                });
+                ));
             }
             if m.exe.replaced {
-                out.push(Anomaly {
-                    kind: AnomalyKind::ExeReplaced,
-                    instance: Some(m.id),
-                    netns: m.netns,
-                    other_pid: None,
-                    other_exe: None,
-                    port: None,
-                    path: Some(m.exe.path.clone()),
-                    detail: format!(
+                out.push(exe_anomaly(
+                    AnomalyKind::ExeReplaced,
+                    format!(
                         "{} now names another file than daprd {} runs",
                         m.exe.path, m.id
                     ),
-                });
+                ));
             }
         }
         for (ns, ms) in by_ns {

@@ -205,18 +205,8 @@ pub struct Ak {
     pub created: bool,
 }
 
-/// A quote with the PCR values it covers.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct Quote {
-    /// TPMS_ATTEST bytes.
-    #[serde(with = "hex::serde")]
-    pub attest: Vec<u8>,
-    /// TPMT_SIGNATURE bytes.
-    #[serde(with = "hex::serde")]
-    pub signature: Vec<u8>,
-    /// SHA-256 bank values in quote order.
-    pub pcrs: Vec<PcrValue>,
-}
+/// A quote with the PCR values it covers (the shared JSON form).
+pub type Quote = vouch_proto::quote::QuoteJson;
 
 /// What the TPM says it is.
 #[derive(Debug, Clone, serde::Serialize)]

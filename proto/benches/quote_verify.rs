@@ -13,18 +13,8 @@ use std::time::{Duration, Instant};
 
 use ring::signature::{self, RsaPublicKeyComponents, UnparsedPublicKey};
 use vouch_proto::name::ak_qualified_name;
-use vouch_proto::quote::{verify_quote, AkVerifier, Expectation, PcrValue};
+use vouch_proto::quote::{verify_quote, AkVerifier, Expectation, QuoteFile};
 use vouch_proto::tpm::{Public, PublicKey, Signature};
-
-#[derive(serde::Deserialize)]
-struct Fixture {
-    ek_public: String,
-    ak_public: String,
-    nonce: String,
-    attest: String,
-    signature: String,
-    pcrs: Vec<PcrValue>,
-}
 
 fn rate(label: &str, budget: Duration, mut f: impl FnMut()) -> f64 {
     // Warm up, then run batches until the budget is spent.
@@ -60,14 +50,14 @@ fn main() {
         ("ECDSA P-256", "ecc-p256-ak.json"),
         ("RSASSA-2048", "rsa-2048-ak.json"),
     ] {
-        let fx: Fixture =
+        let fx: QuoteFile =
             serde_json::from_str(&std::fs::read_to_string(dir.join(file)).unwrap()).unwrap();
-        let ek = Public::parse(&hex::decode(&fx.ek_public).unwrap()).unwrap();
-        let ak = Public::parse(&hex::decode(&fx.ak_public).unwrap()).unwrap();
+        let ek = Public::parse(&fx.ek_public).unwrap();
+        let ak = Public::parse(&fx.ak_public).unwrap();
         let qn = ak_qualified_name(&ek, &ak).unwrap();
-        let nonce = hex::decode(&fx.nonce).unwrap();
-        let attest = hex::decode(&fx.attest).unwrap();
-        let sig = hex::decode(&fx.signature).unwrap();
+        let nonce = fx.nonce.clone();
+        let attest = fx.attest.clone();
+        let sig = fx.signature.clone();
         let verifier = AkVerifier::new(&ak).unwrap();
 
         let full = rate(

@@ -101,6 +101,48 @@ pub struct PcrValue {
     pub value: Vec<u8>,
 }
 
+/// A quote as vouchd prints it (`vouchd tpm quote`): TPMS_ATTEST,
+/// TPMT_SIGNATURE (hex) and the PCR values it covers.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QuoteJson {
+    /// TPMS_ATTEST bytes.
+    #[serde(with = "hex::serde")]
+    pub attest: Vec<u8>,
+    /// TPMT_SIGNATURE bytes.
+    #[serde(with = "hex::serde")]
+    pub signature: Vec<u8>,
+    /// PCR values in quote order.
+    pub pcrs: Vec<PcrValue>,
+}
+
+/// Self-contained quote evidence for offline checks and test vectors
+/// (`vouch-verifier verify-quote`, test-data/quotes/*.json): the EK and AK
+/// public areas, the nonce and the quote.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuoteFile {
+    /// Free text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
+    /// TPMT_PUBLIC of the EK.
+    #[serde(with = "hex::serde")]
+    pub ek_public: Vec<u8>,
+    /// TPMT_PUBLIC of the AK.
+    #[serde(with = "hex::serde")]
+    pub ak_public: Vec<u8>,
+    /// Qualifying data.
+    #[serde(with = "hex::serde")]
+    pub nonce: Vec<u8>,
+    /// TPMS_ATTEST bytes.
+    #[serde(with = "hex::serde")]
+    pub attest: Vec<u8>,
+    /// TPMT_SIGNATURE bytes.
+    #[serde(with = "hex::serde")]
+    pub signature: Vec<u8>,
+    /// PCR values in quote order.
+    pub pcrs: Vec<PcrValue>,
+}
+
 #[derive(Debug, Clone)]
 enum Key {
     Ecdsa {

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use vouch_proto::event::{replay, Event, EventKind, Record, Value};
 use vouch_proto::name::ak_qualified_name;
-use vouch_proto::quote::{verify_quote, AkVerifier, Expectation, PcrValue};
+use vouch_proto::quote::{verify_quote, AkVerifier, Expectation, QuoteFile};
 use vouch_proto::tpm::Public;
 
 fn test_data() -> PathBuf {
@@ -143,29 +143,19 @@ fn log_event_golden_vectors() {
     assert_eq!(hex::encode(end), golden.events.last().unwrap().pcr_after);
 }
 
-#[derive(serde::Deserialize)]
-struct QuoteFixture {
-    ek_public: String,
-    ak_public: String,
-    nonce: String,
-    attest: String,
-    signature: String,
-    pcrs: Vec<PcrValue>,
-}
-
 #[test]
 fn swtpm_quote_fixtures_verify() {
     for f in ["ecc-p256-ak.json", "rsa-2048-ak.json"] {
         let text = std::fs::read_to_string(test_data().join("quotes").join(f)).unwrap();
-        let q: QuoteFixture = serde_json::from_str(&text).unwrap();
-        let ek = Public::parse(&hex::decode(&q.ek_public).unwrap()).unwrap();
-        let ak = Public::parse(&hex::decode(&q.ak_public).unwrap()).unwrap();
+        let q: QuoteFile = serde_json::from_str(&text).unwrap();
+        let ek = Public::parse(&q.ek_public).unwrap();
+        let ak = Public::parse(&q.ak_public).unwrap();
         let qn = ak_qualified_name(&ek, &ak).unwrap();
-        let nonce = hex::decode(&q.nonce).unwrap();
+        let nonce = q.nonce.clone();
         let attest = verify_quote(
             &AkVerifier::new(&ak).unwrap(),
-            &hex::decode(&q.attest).unwrap(),
-            &hex::decode(&q.signature).unwrap(),
+            &q.attest,
+            &q.signature,
             &q.pcrs,
             Expectation {
                 nonce: &nonce,

@@ -414,14 +414,7 @@ struct InfoAk {
 struct InfoEk {
     public: String,
 }
-#[derive(serde::Deserialize)]
-struct QuoteOut {
-    #[serde(with = "hex::serde")]
-    attest: Vec<u8>,
-    #[serde(with = "hex::serde")]
-    signature: Vec<u8>,
-    pcrs: Vec<PcrValue>,
-}
+type QuoteOut = vouch_proto::quote::QuoteJson;
 
 #[test]
 fn ak_survives_daemon_restart_and_tpm_reboot() {

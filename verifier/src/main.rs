@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use vouch_proto::name::ak_qualified_name;
-use vouch_proto::quote::{verify_quote, AkVerifier, Expectation, PcrValue};
+use vouch_proto::quote::{verify_quote, AkVerifier, Expectation, QuoteFile};
 use vouch_proto::tpm::Public;
 
 #[derive(Parser, Debug)]
@@ -57,24 +57,6 @@ enum Command {
     },
 }
 
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct QuoteFile {
-    #[serde(default)]
-    comment: Option<String>,
-    #[serde(with = "hex::serde")]
-    ek_public: Vec<u8>,
-    #[serde(with = "hex::serde")]
-    ak_public: Vec<u8>,
-    #[serde(with = "hex::serde")]
-    nonce: Vec<u8>,
-    #[serde(with = "hex::serde")]
-    attest: Vec<u8>,
-    #[serde(with = "hex::serde")]
-    signature: Vec<u8>,
-    pcrs: Vec<PcrValue>,
-}
-
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -120,7 +102,6 @@ fn main() -> Result<()> {
                 .with_context(|| format!("reading {}", file.display()))?;
             let q: QuoteFile = serde_json::from_str(&text)
                 .with_context(|| format!("{}: not a quote evidence file", file.display()))?;
-            let _ = q.comment;
             let ek = Public::parse(&q.ek_public).context("ek_public (TPMT_PUBLIC)")?;
             let ak = Public::parse(&q.ak_public).context("ak_public (TPMT_PUBLIC)")?;
             let qn = ak_qualified_name(&ek, &ak)?;

@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use ring::rand::SecureRandom;
 use vouch_proto::credential::make_credential;
 use vouch_proto::name::ak_qualified_name;
-use vouch_proto::quote::{verify_quote, AkVerifier, Expectation, PcrValue, QuoteError};
+use vouch_proto::quote::{verify_quote, AkVerifier, Expectation, QuoteError};
 use vouch_proto::tpm::Public;
 use vouch_tests::proc::{run_ok, workspace_bin};
 use vouch_tests::swtpm::Swtpm;
@@ -27,14 +27,7 @@ fn random<const N: usize>() -> Result<[u8; N]> {
     Ok(b)
 }
 
-#[derive(serde::Deserialize)]
-struct QuoteOut {
-    #[serde(with = "hex::serde")]
-    attest: Vec<u8>,
-    #[serde(with = "hex::serde")]
-    signature: Vec<u8>,
-    pcrs: Vec<PcrValue>,
-}
+type QuoteOut = vouch_proto::quote::QuoteJson;
 
 fn field<'a>(v: &'a serde_json::Value, path: &[&str]) -> Result<&'a str> {
     let mut cur = v;
