@@ -5,5 +5,6 @@
 //! TPM structures are checked by vouch-proto in pure Rust.
 
 pub mod appraise;
+pub mod enroll;
 pub mod policy;
 pub mod simnode;
