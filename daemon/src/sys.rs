@@ -358,3 +358,48 @@ pub fn tcp_listeners(pid: u32) -> io::Result<Vec<TcpListen>> {
         .unwrap_or_else(|_| Err(io::Error::other("sock_diag thread failed")))
     })
 }
+
+/// An open /proc directory, for reading many per-process files with
+/// openat(2) (no path walk from / for each).
+#[derive(Debug)]
+pub struct ProcDir {
+    fd: OwnedFd,
+}
+
+impl ProcDir {
+    /// Opens /proc.
+    pub fn open() -> io::Result<Self> {
+        let f = File::open("/proc")?;
+        Ok(Self {
+            fd: OwnedFd::from(f),
+        })
+    }
+
+    /// Reads `rel` (e.g. "1234/comm"), at most `buf`'s capacity, into `buf`.
+    pub fn read(&self, rel: &std::ffi::CStr, buf: &mut Vec<u8>) -> io::Result<()> {
+        // SAFETY: self.fd is an open directory fd; rel is NUL-terminated.
+        let fd = unsafe {
+            libc::openat(
+                self.fd.as_raw_fd(),
+                rel.as_ptr(),
+                libc::O_RDONLY | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fresh fd owned by nobody else.
+        let file = unsafe { OwnedFd::from_raw_fd(fd) };
+        buf.clear();
+        let cap = buf.capacity().max(64);
+        buf.reserve(cap);
+        // SAFETY: the spare capacity is writable for `cap` bytes.
+        let n = unsafe { libc::read(file.as_raw_fd(), buf.as_mut_ptr().cast(), cap) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: read(2) initialised n <= cap bytes.
+        unsafe { buf.set_len(n as usize) };
+        Ok(())
+    }
+}
