@@ -32,6 +32,12 @@ else
   echo "setup: all system packages present"
 fi
 
+# PyJWT (a JWT library nobody here wrote) verifies EAR tokens in the tests.
+if ! python3 -c "import jwt, cryptography" 2>/dev/null; then
+  echo "setup: installing PyJWT and cryptography (pip)"
+  python3 -m pip install --quiet pyjwt cryptography
+fi
+
 for tool in cargo swtpm swtpm_setup swtpm_localca tpm2_checkquote openssl protoc ip unshare python3 sha256sum containerd ctr runc; do
   if ! command -v "$tool" >/dev/null 2>&1; then
     echo "setup: required tool '$tool' is missing after installation" >&2

@@ -5,6 +5,7 @@
 //! TPM structures are checked by vouch-proto in pure Rust.
 
 pub mod appraise;
+pub mod ear;
 pub mod enroll;
 pub mod policy;
 pub mod simnode;
