@@ -6,6 +6,7 @@ set -euo pipefail
 PKGS=(
   pkg-config libtss2-dev        # tss-esapi (daemon TPM layer)
   protobuf-compiler             # gRPC code generation (vouch-proto)
+  libsqlite3-dev                # verifier state (rusqlite, system SQLite)
   swtpm swtpm-tools             # software TPM + swtpm_setup/swtpm_localca
   tpm2-tools                    # tpm2_checkquote interop test
   openssl                       # X.509 path validation interop test

@@ -76,6 +76,11 @@ struct RawConfig {
     max_file_bytes: Option<u64>,
     containerd_socket: Option<PathBuf>,
     containerd_namespaces: Option<Vec<String>>,
+    verifier_url: Option<String>,
+    verifier_ca: Option<PathBuf>,
+    node_name: Option<String>,
+    node_labels: Option<std::collections::BTreeMap<String, String>>,
+    heartbeat_ms: Option<u64>,
 }
 
 /// Validated vouchd configuration.
@@ -99,6 +104,14 @@ pub struct Config {
     pub rescan_interval: std::time::Duration,
     /// containerd's gRPC socket (image lookups); absent socket = no lookups.
     pub containerd_socket: PathBuf,
+    /// The verifier (https://host:port) and its CA certificate; none: no push.
+    pub verifier: Option<(String, PathBuf)>,
+    /// Node name presented at enrollment.
+    pub node_name: String,
+    /// Node labels presented at enrollment.
+    pub node_labels: std::collections::BTreeMap<String, String>,
+    /// Evidence heartbeat.
+    pub heartbeat: std::time::Duration,
 }
 
 fn env_parse<T: serde::de::DeserializeOwned>(var: &'static str) -> Result<Option<T>, ConfigError> {
@@ -172,6 +185,18 @@ impl Config {
         }
         if let Some(v) = env_parse::<String>("VOUCHD_CONTAINERD_SOCKET")? {
             raw.containerd_socket = Some(v.into());
+        }
+        if let Some(v) = env_parse::<String>("VOUCHD_VERIFIER_URL")? {
+            raw.verifier_url = Some(v);
+        }
+        if let Some(v) = env_parse::<String>("VOUCHD_VERIFIER_CA")? {
+            raw.verifier_ca = Some(v.into());
+        }
+        if let Some(v) = env_parse::<String>("VOUCHD_NODE_NAME")? {
+            raw.node_name = Some(v);
+        }
+        if let Some(v) = env_parse("VOUCHD_HEARTBEAT_MS")? {
+            raw.heartbeat_ms = Some(v);
         }
         if let Some(v) = env_parse::<String>("VOUCHD_CONTAINERD_NAMESPACES")? {
             raw.containerd_namespaces = Some(v.split(',').map(|s| s.trim().to_owned()).collect());
@@ -247,7 +272,48 @@ impl Config {
                 reason: format!("{rescan} is outside 100..=3600000"),
             });
         }
+        let verifier = match (raw.verifier_url, raw.verifier_ca) {
+            (None, None) => None,
+            (Some(u), Some(ca)) => {
+                if !u.starts_with("https://") {
+                    return Err(ConfigError::Invalid {
+                        field: "verifier_url",
+                        reason: format!("{u:?} must be https:// (vouchd only talks TLS)"),
+                    });
+                }
+                Some((u, ca))
+            }
+            (Some(_), None) => {
+                return Err(ConfigError::Invalid {
+                    field: "verifier_ca",
+                    reason: "required with verifier_url (the verifier's CA certificate, PEM)"
+                        .into(),
+                })
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::Invalid {
+                    field: "verifier_url",
+                    reason: "required with verifier_ca".into(),
+                })
+            }
+        };
+        let heartbeat = raw.heartbeat_ms.unwrap_or(10_000);
+        if !(100..=3_600_000).contains(&heartbeat) {
+            return Err(ConfigError::Invalid {
+                field: "heartbeat_ms",
+                reason: format!("{heartbeat} is outside 100..=3600000"),
+            });
+        }
+        let node_name = raw.node_name.unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_else(|_| "node".into())
+        });
         Ok(Self {
+            verifier,
+            node_name,
+            node_labels: raw.node_labels.unwrap_or_default(),
+            heartbeat: std::time::Duration::from_millis(heartbeat),
             measure,
             rescan_interval: std::time::Duration::from_millis(rescan),
             containerd_socket: raw

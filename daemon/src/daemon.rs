@@ -82,6 +82,20 @@ enum Msg {
 enum Task {
     Rescan,
     Recheck(u32),
+    Push,
+}
+
+/// Pushing evidence to the verifier: the connection, the EK (for
+/// re-enrollment), the heartbeat and the coalescing window.
+pub struct Uplink {
+    /// The connection.
+    pub pusher: crate::push::Pusher,
+    /// The EK.
+    pub ek: crate::tpm::Ek,
+    /// Heartbeat interval.
+    pub heartbeat: Duration,
+    /// Events within this window share one quote.
+    pub coalesce: Duration,
 }
 
 struct Tracked {
@@ -111,6 +125,9 @@ pub struct Daemon {
     /// exec events arrive (an exec removes its pid, an overflow clears all).
     cleared: HashSet<u32>,
     connector_alive: bool,
+    uplink: Option<Uplink>,
+    push_at: Option<Instant>,
+    log_path: PathBuf,
 }
 
 /// SHA-256 of the running vouchd executable.
@@ -191,7 +208,57 @@ impl Daemon {
             ready_file: state_dir.join("vouchd.ready"),
             cleared: HashSet::new(),
             connector_alive: true,
+            uplink: None,
+            push_at: None,
+            log_path: RuntimeLog::path_in(state_dir),
         })
+    }
+
+    /// Pushes evidence to a verifier (coalesced after events, and at a
+    /// heartbeat).
+    pub fn with_uplink(mut self, u: Uplink) -> Self {
+        self.uplink = Some(u);
+        self
+    }
+
+    fn plan_push(&mut self, delay: Duration) {
+        if self.uplink.is_none() {
+            return;
+        }
+        let t = Instant::now() + delay;
+        if self.push_at.is_none_or(|p| t < p) {
+            self.push_at = Some(t);
+            self.at(delay, Task::Push);
+        }
+    }
+
+    fn push_now(&mut self) {
+        let Some(u) = self.uplink.as_mut() else {
+            return;
+        };
+        if u.pusher.node_id.is_none() {
+            if let Err(e) = u.pusher.enroll(&mut self.pcr, &u.ek) {
+                tracing::warn!(error = %e, "enrollment failed; retrying at the next heartbeat");
+                return;
+            }
+        }
+        match u.pusher.push(&mut self.pcr, &self.log, &self.log_path) {
+            Ok(r) => {
+                let summary: Vec<String> = r
+                    .sidecars
+                    .iter()
+                    .map(|s| format!("{}:{}={}", s.pid, s.app_id, s.verdict))
+                    .collect();
+                tracing::info!(next_seq = r.next_seq, sidecars = ?summary, "evidence accepted");
+            }
+            Err(crate::push::PushError::Rpc { status, .. })
+                if status.code() == tonic::Code::NotFound =>
+            {
+                tracing::warn!(%status, "verifier does not know this node; enrolling again");
+                u.pusher.node_id = None;
+            }
+            Err(e) => tracing::warn!(error = %e, "evidence push failed"),
+        }
     }
 
     /// The log's integrity state.
@@ -211,6 +278,10 @@ impl Daemon {
     ) -> Result<(), DaemonError> {
         let e = self.log.append(&mut self.pcr, kind, body)?;
         tracing::info!(seq = e.seq, kind = ?e.kind, "runtime log event extended into PCR {}", self.pcr.index);
+        // Events close together share one quote.
+        if let Some(c) = self.uplink.as_ref().map(|u| u.coalesce) {
+            self.plan_push(c);
+        }
         Ok(())
     }
 
@@ -504,6 +575,12 @@ impl Daemon {
         self.rescan_now()?;
         self.at(self.rescan, Task::Rescan);
         // Readiness for supervisors and tests: the first full scan is logged.
+        if self.uplink.is_some() {
+            self.push_now();
+            let hb = self.uplink.as_ref().map_or(self.rescan, |u| u.heartbeat);
+            self.push_at = None;
+            self.plan_push(hb);
+        }
         let _ = std::fs::write(&self.ready_file, format!("{}\n", std::process::id()));
         tracing::info!(instances = self.instances.len(), "vouchd running");
         loop {
@@ -553,6 +630,14 @@ impl Daemon {
                         self.at(self.rescan, Task::Rescan);
                     }
                     Task::Recheck(pid) => self.recheck(pid, None)?,
+                    Task::Push => {
+                        if self.push_at.is_some_and(|p| p <= now) {
+                            self.push_at = None;
+                            self.push_now();
+                            let hb = self.uplink.as_ref().map_or(self.rescan, |u| u.heartbeat);
+                            self.plan_push(hb);
+                        }
+                    }
                 }
             }
             let _ = &self.tx;

@@ -13,6 +13,7 @@ pub mod dapr;
 pub mod hash;
 pub mod measure;
 pub mod procfs;
+pub mod push;
 pub mod runlog;
 pub mod sys;
 pub mod tpm;

@@ -162,7 +162,7 @@ fn main() -> Result<()> {
             }
         }
         Command::Run => {
-            let (tpm, _ek, ak) = open(&cfg)?;
+            let (tpm, ek, ak) = open(&cfg)?;
             let pcr = TpmPcr {
                 tpm,
                 ak,
@@ -170,13 +170,28 @@ fn main() -> Result<()> {
             };
             let resolver = containerd_resolver(&cfg)
                 .map(|r| Box::new(r) as Box<dyn vouch_daemon::measure::ImageResolver>);
-            let daemon = Daemon::new(
+            let mut daemon = Daemon::new(
                 pcr,
                 &cfg.state_dir,
                 Measurer::new(cfg.measure.clone()),
                 resolver,
                 cfg.rescan_interval,
             )?;
+            if let Some((url, ca)) = &cfg.verifier {
+                let pusher = vouch_daemon::push::Pusher::new(
+                    url,
+                    ca,
+                    &cfg.state_dir,
+                    cfg.node_name.clone(),
+                    cfg.node_labels.clone(),
+                )?;
+                daemon = daemon.with_uplink(vouch_daemon::daemon::Uplink {
+                    pusher,
+                    ek,
+                    heartbeat: cfg.heartbeat,
+                    coalesce: std::time::Duration::from_millis(20),
+                });
+            }
             if let vouch_daemon::runlog::LogState::IntegrityLost { reason } = daemon.log_state() {
                 tracing::error!(%reason, "runtime log integrity LOST for this boot; the verifier will treat this node as failed");
             }

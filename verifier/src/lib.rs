@@ -5,7 +5,11 @@
 //! TPM structures are checked by vouch-proto in pure Rust.
 
 pub mod appraise;
+pub mod config;
 pub mod ear;
 pub mod enroll;
 pub mod policy;
+pub mod service;
 pub mod simnode;
+pub mod store;
+pub mod tls;

@@ -45,6 +45,35 @@ enum PolicyCommand {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run the verifier (gRPC over TLS).
+    Serve {
+        /// TOML configuration (VOUCH_VERIFIER_* variables override it).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Every enrolled node.
+    Nodes {
+        /// The verifier's state database.
+        #[arg(long, default_value = "/var/lib/vouch-verifier/state.db")]
+        db: PathBuf,
+    },
+    /// What runs where: every sidecar's verdict and failed rules.
+    Sidecars {
+        /// The verifier's state database.
+        #[arg(long, default_value = "/var/lib/vouch-verifier/state.db")]
+        db: PathBuf,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Why a sidecar has its verdict: every rule, measured vs allowed.
+    Explain {
+        /// Sidecar: pid@start, app id, or node/pid@start.
+        sidecar: String,
+        /// The verifier's state database.
+        #[arg(long, default_value = "/var/lib/vouch-verifier/state.db")]
+        db: PathBuf,
+    },
     /// Policy tools.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -57,15 +86,184 @@ enum Command {
     },
 }
 
-fn main() -> Result<()> {
-    tracing_subscriber::fmt()
+fn init_logging(json: bool) {
+    let b = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("VOUCH_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
-        .init();
-    match Cli::parse().command {
+        .with_writer(std::io::stderr);
+    if json {
+        b.json().init()
+    } else {
+        b.init()
+    }
+}
+
+fn serve(config: Option<PathBuf>) -> Result<()> {
+    use vouch_verifier::{config::Config, enroll::EkTrust, policy, service, store, tls};
+    let cfg = Config::load(config.as_deref())?;
+    init_logging(cfg.log_json);
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("state dir {}", cfg.state_dir.display()))?;
+    let mut trust = EkTrust {
+        allowlist: cfg.ek_allowlist.iter().map(|s| s.to_lowercase()).collect(),
+        tofu: cfg.trust_on_first_use,
+        ..Default::default()
+    };
+    for b in &cfg.ek_ca_bundles {
+        let n = trust.add_pem_bundle(b).map_err(anyhow::Error::msg)?;
+        tracing::info!(bundle = %b.display(), certificates = n, "TPM manufacturer CAs loaded");
+    }
+    if trust.tofu {
+        tracing::warn!(
+            "TRUST ON FIRST USE is on: EKs without a trusted certificate are accepted once"
+        );
+    }
+    let policies = policy::load_dir(&cfg.policy_dir)?;
+    tracing::info!(dir = %cfg.policy_dir.display(), policies = policies.len(), "policies loaded");
+    let st = store::SqliteStore::open(&cfg.state_dir.join("state.db"))?;
+    let verifier = std::sync::Arc::new(service::Verifier::new(
+        Box::new(st),
+        service::Settings {
+            trust,
+            nonce_ttl: cfg.nonce_ttl,
+        },
+        policies,
+    )?);
+    // Reload policies on change; a bad edit keeps the last good set.
+    let v2 = verifier.clone();
+    let dir = cfg.policy_dir.clone();
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if res.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_))) {
+            match policy::load_dir(&dir) {
+                Ok(p) => {
+                    tracing::info!(policies = p.len(), "policies reloaded");
+                    v2.set_policies(p);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "policy reload failed; the last good policies stay in force")
+                }
+            }
+        }
+    })?;
+    notify::Watcher::watch(
+        &mut watcher,
+        &cfg.policy_dir,
+        notify::RecursiveMode::NonRecursive,
+    )?;
+    let (cert, key) = tls::load_or_create(&cfg.state_dir, &cfg.tls_names)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let svc = vouch_proto::api::attestation_server::AttestationServer::from_arc(verifier)
+            .max_decoding_message_size(16 << 20);
+        tracing::info!(listen = %cfg.listen, ca = %cfg.state_dir.join("ca.pem").display(), "vouch-verifier serving");
+        tonic::transport::Server::builder()
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(cert, key)))?
+            .add_service(svc)
+            .serve_with_shutdown(cfg.listen, async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await?;
+        Ok::<(), anyhow::Error>(())
+    })?;
+    drop(watcher);
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    if let Command::Serve { config } = cli.command {
+        return serve(config);
+    }
+    init_logging(false);
+    match cli.command {
+        Command::Serve { .. } => {}
+        Command::Nodes { db } => {
+            use vouch_verifier::store::Store;
+            let st = vouch_verifier::store::SqliteStore::open_read_only(&db)?;
+            for (n, s) in st.load()? {
+                println!(
+                    "{} {} trust={} labels={:?} boot={:?} next_seq={}",
+                    n.node_id,
+                    n.name,
+                    n.trust,
+                    n.labels,
+                    s.as_ref().and_then(|s| s.boot),
+                    s.as_ref().map_or(0, |s| s.next_seq)
+                );
+            }
+        }
+        Command::Sidecars { db, json } => {
+            use vouch_verifier::store::Store;
+            let rows = vouch_verifier::store::SqliteStore::open_read_only(&db)?.verdicts()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                for r in rows {
+                    let failed: Vec<String> = r
+                        .reasons
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .filter(|x| x["ok"] == false)
+                                .filter_map(|x| x["rule"].as_str().map(str::to_owned))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    println!(
+                        "{}/{} app-id={} ns={} {} {}",
+                        r.node_name,
+                        r.instance,
+                        r.app_id.as_deref().unwrap_or("-"),
+                        r.namespace,
+                        r.verdict.to_uppercase(),
+                        if failed.is_empty() {
+                            String::new()
+                        } else {
+                            format!("failed: {}", failed.join(", "))
+                        }
+                    );
+                }
+            }
+        }
+        Command::Explain { sidecar, db } => {
+            use vouch_verifier::store::Store;
+            let rows = vouch_verifier::store::SqliteStore::open_read_only(&db)?.verdicts()?;
+            let hits: Vec<_> = rows
+                .iter()
+                .filter(|r| {
+                    r.instance == sidecar
+                        || r.app_id.as_deref() == Some(sidecar.as_str())
+                        || format!("{}/{}", r.node_name, r.instance) == sidecar
+                })
+                .collect();
+            if hits.is_empty() {
+                anyhow::bail!("no sidecar {sidecar:?} (try `vouch-verifier sidecars`)");
+            }
+            for r in hits {
+                println!(
+                    "{}/{} app-id={} namespace={}: {}",
+                    r.node_name,
+                    r.instance,
+                    r.app_id.as_deref().unwrap_or("-"),
+                    r.namespace,
+                    r.verdict.to_uppercase()
+                );
+                for x in r.reasons.as_array().into_iter().flatten() {
+                    println!(
+                        "  [{}] {} (policy {}): measured {} ; allowed {}",
+                        if x["ok"] == true { "ok" } else { "FAIL" },
+                        x["rule"].as_str().unwrap_or("?"),
+                        x["policy"].as_str().unwrap_or("-"),
+                        x["measured"].as_str().unwrap_or(""),
+                        x["expected"].as_str().unwrap_or("")
+                    );
+                }
+            }
+        }
         Command::Policy(PolicyCommand::Check { files }) => {
             let mut failed = 0;
             for f in &files {

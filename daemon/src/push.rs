@@ -1,0 +1,242 @@
+//! vouchd's side of the verifier protocol: enrollment (EK, certificate, AK
+//! -> credential activation) and evidence push (challenge, quote, the log
+//! events the verifier has not accepted yet). vouchd always dials out over
+//! TLS; nodes need no inbound port.
+//!
+//! Trust boundary: the verifier is authenticated by its CA certificate
+//! (configured); its answers (nonces, credential blobs) are still only ever
+//! handed to the TPM, which checks them.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+use vouch_proto::api::attestation_client::AttestationClient;
+use vouch_proto::api::{
+    BeginEnrollmentRequest, ChallengeRequest, CompleteEnrollmentRequest, Evidence, EvidenceResult,
+    LogState, PcrValue as PbPcr,
+};
+
+use crate::daemon::TpmPcr;
+use crate::runlog::{self, RuntimeLog};
+use crate::tpm::{Ak, Ek, TpmError};
+
+/// Push errors.
+#[derive(Debug, thiserror::Error)]
+pub enum PushError {
+    /// Transport or TLS setup.
+    #[error("connecting to the verifier at {url}: {reason}")]
+    Connect {
+        /// Verifier URL.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// The verifier refused or failed a call.
+    #[error("verifier {call}: {status}")]
+    Rpc {
+        /// Which call.
+        call: &'static str,
+        /// gRPC status.
+        status: tonic::Status,
+    },
+    /// The TPM failed.
+    #[error("TPM")]
+    Tpm(#[from] TpmError),
+    /// Reading the runtime log failed.
+    #[error("runtime log")]
+    Log(#[from] runlog::LogError),
+    /// Local I/O.
+    #[error("{path}: {source}")]
+    Io {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A connection to the verifier.
+pub struct Pusher {
+    rt: tokio::runtime::Runtime,
+    client: AttestationClient<Channel>,
+    node_id_file: PathBuf,
+    /// The enrolled node id.
+    pub node_id: Option<String>,
+    /// Node name presented at enrollment.
+    pub node_name: String,
+    /// Node labels presented at enrollment.
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for Pusher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pusher")
+            .field("node_id", &self.node_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pusher {
+    /// Connects (lazily) to `url` trusting `ca_pem`.
+    pub fn new(
+        url: &str,
+        ca_pem: &Path,
+        state_dir: &Path,
+        node_name: String,
+        labels: std::collections::BTreeMap<String, String>,
+    ) -> Result<Self, PushError> {
+        let cerr = |reason: String| PushError::Connect {
+            url: url.to_owned(),
+            reason,
+        };
+        let ca = std::fs::read(ca_pem).map_err(|source| PushError::Io {
+            path: ca_pem.to_owned(),
+            source,
+        })?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| cerr(e.to_string()))?;
+        let host = url
+            .split("://")
+            .nth(1)
+            .and_then(|r| r.split([':', '/']).next())
+            .unwrap_or("localhost")
+            .to_owned();
+        let endpoint = Channel::from_shared(url.to_owned())
+            .map_err(|e| cerr(e.to_string()))?
+            .tls_config(
+                ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(ca))
+                    .domain_name(host),
+            )
+            .map_err(|e| cerr(e.to_string()))?
+            .connect_timeout(Duration::from_secs(3))
+            .timeout(Duration::from_secs(10));
+        let channel = {
+            // The lazy channel's background task belongs to this runtime.
+            let _guard = rt.enter();
+            endpoint.connect_lazy()
+        };
+        let node_id_file = state_dir.join("node_id");
+        let node_id = std::fs::read_to_string(&node_id_file)
+            .ok()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty());
+        Ok(Self {
+            rt,
+            client: AttestationClient::new(channel).max_decoding_message_size(16 << 20),
+            node_id_file,
+            node_id,
+            node_name,
+            labels,
+        })
+    }
+
+    /// Enrolls this node: presents EK, certificate and AK, activates the
+    /// verifier's credential in the TPM, and stores the node id.
+    pub fn enroll(&mut self, pcr: &mut TpmPcr, ek: &Ek) -> Result<String, PushError> {
+        let ak: &Ak = &pcr.ak;
+        let req = BeginEnrollmentRequest {
+            node_name: self.node_name.clone(),
+            labels: self.labels.clone().into_iter().collect(),
+            ek_public: ek.public.clone(),
+            ek_certificate: ek.certificate.clone(),
+            ek_chain: ek.chain.clone(),
+            ak_public: ak.public.clone(),
+        };
+        let mut c = self.client.clone();
+        let ch = self
+            .rt
+            .block_on(c.begin_enrollment(req))
+            .map_err(|status| PushError::Rpc {
+                call: "BeginEnrollment",
+                status,
+            })?
+            .into_inner();
+        let secret =
+            pcr.tpm
+                .activate_credential(&pcr.ak, ek, &ch.id_object, &ch.encrypted_secret)?;
+        let res = self
+            .rt
+            .block_on(c.complete_enrollment(CompleteEnrollmentRequest {
+                enrollment_id: ch.enrollment_id,
+                secret,
+            }))
+            .map_err(|status| PushError::Rpc {
+                call: "CompleteEnrollment",
+                status,
+            })?
+            .into_inner();
+        std::fs::write(&self.node_id_file, &res.node_id).map_err(|source| PushError::Io {
+            path: self.node_id_file.clone(),
+            source,
+        })?;
+        tracing::info!(node_id = %res.node_id, "enrolled with the verifier");
+        self.node_id = Some(res.node_id.clone());
+        Ok(res.node_id)
+    }
+
+    /// Pushes evidence: a fresh quote over the verifier's nonce and every
+    /// log event from the verifier's next expected sequence number.
+    pub fn push(
+        &mut self,
+        pcr: &mut TpmPcr,
+        log: &RuntimeLog,
+        log_path: &Path,
+    ) -> Result<EvidenceResult, PushError> {
+        let node_id = self.node_id.clone().unwrap_or_default();
+        let mut c = self.client.clone();
+        let ch = self
+            .rt
+            .block_on(c.get_challenge(ChallengeRequest {
+                node_id: node_id.clone(),
+            }))
+            .map_err(|status| PushError::Rpc {
+                call: "GetChallenge",
+                status,
+            })?
+            .into_inner();
+        let mut pcrs = vouch_proto::BOOT_PCRS.to_vec();
+        pcrs.push(pcr.index);
+        let q = pcr.tpm.quote(&pcr.ak, &ch.nonce, &pcrs)?;
+        let events: Vec<Vec<u8>> = runlog::read_events(log_path)?
+            .into_iter()
+            .skip(usize::try_from(ch.next_seq).unwrap_or(usize::MAX))
+            .map(|e| e.encode())
+            .collect();
+        let lost = matches!(log.state(), runlog::LogState::IntegrityLost { .. });
+        let ev = Evidence {
+            node_id,
+            nonce: ch.nonce,
+            attest: q.attest,
+            signature: q.signature,
+            pcrs: q
+                .pcrs
+                .iter()
+                .map(|p| PbPcr {
+                    bank: u32::from(p.bank),
+                    index: u32::from(p.index),
+                    value: p.value.clone(),
+                })
+                .collect(),
+            events,
+            log_state: if lost {
+                LogState::IntegrityLost
+            } else {
+                LogState::Intact
+            } as i32,
+        };
+        let res = self
+            .rt
+            .block_on(c.push_evidence(ev))
+            .map_err(|status| PushError::Rpc {
+                call: "PushEvidence",
+                status,
+            })?
+            .into_inner();
+        Ok(res)
+    }
+}

@@ -1,0 +1,156 @@
+//! vouch-verifier configuration: TOML file plus `VOUCH_VERIFIER_*`
+//! environment overrides, unknown keys rejected, validated at start.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Configuration errors name the file or variable and the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Unreadable file.
+    #[error("cannot read config file {path}")]
+    Read {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Bad TOML or schema (with line and column).
+    #[error("config file {path}: {source}")]
+    Parse {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: toml::de::Error,
+    },
+    /// Bad value.
+    #[error("config field {field}: {reason}")]
+    Invalid {
+        /// Field.
+        field: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    listen: Option<String>,
+    state_dir: Option<PathBuf>,
+    policy_dir: Option<PathBuf>,
+    ek_ca_bundles: Option<Vec<PathBuf>>,
+    ek_allowlist: Option<Vec<String>>,
+    trust_on_first_use: Option<bool>,
+    nonce_ttl_ms: Option<u64>,
+    tls_names: Option<Vec<String>>,
+    log_format: Option<String>,
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// gRPC (TLS) listen address.
+    pub listen: std::net::SocketAddr,
+    /// State directory: state.db, TLS and EAR keys.
+    pub state_dir: PathBuf,
+    /// Policy directory (reloaded on change).
+    pub policy_dir: PathBuf,
+    /// PEM bundles of TPM-manufacturer CAs.
+    pub ek_ca_bundles: Vec<PathBuf>,
+    /// Hex SHA-256 of trusted EK public areas.
+    pub ek_allowlist: Vec<String>,
+    /// Trust EKs on first use (logged).
+    pub trust_on_first_use: bool,
+    /// Nonce lifetime.
+    pub nonce_ttl: Duration,
+    /// DNS names / IPs in the server certificate.
+    pub tls_names: Vec<String>,
+    /// JSON logs.
+    pub log_json: bool,
+}
+
+impl Config {
+    /// Loads `path` (optional) and applies environment overrides.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut raw: Raw = match path {
+            None => Raw::default(),
+            Some(p) => {
+                let t = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_owned(),
+                    source,
+                })?;
+                toml::from_str(&t).map_err(|source| ConfigError::Parse {
+                    path: p.to_owned(),
+                    source,
+                })?
+            }
+        };
+        if let Ok(v) = std::env::var("VOUCH_VERIFIER_LISTEN") {
+            raw.listen = Some(v);
+        }
+        if let Ok(v) = std::env::var("VOUCH_VERIFIER_STATE_DIR") {
+            raw.state_dir = Some(v.into());
+        }
+        if let Ok(v) = std::env::var("VOUCH_VERIFIER_POLICY_DIR") {
+            raw.policy_dir = Some(v.into());
+        }
+        if let Ok(v) = std::env::var("VOUCH_VERIFIER_EK_CA_BUNDLES") {
+            raw.ek_ca_bundles = Some(
+                v.split(':')
+                    .filter(|s| !s.is_empty())
+                    .map(PathBuf::from)
+                    .collect(),
+            );
+        }
+        let listen = raw.listen.unwrap_or_else(|| "127.0.0.1:7443".into());
+        let listen = listen.parse().map_err(|e| ConfigError::Invalid {
+            field: "listen",
+            reason: format!("{listen:?}: {e}"),
+        })?;
+        for h in raw.ek_allowlist.iter().flatten() {
+            if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(ConfigError::Invalid {
+                    field: "ek_allowlist",
+                    reason: format!("{h:?} is not a hex SHA-256"),
+                });
+            }
+        }
+        let ttl = raw.nonce_ttl_ms.unwrap_or(30_000);
+        if !(100..=600_000).contains(&ttl) {
+            return Err(ConfigError::Invalid {
+                field: "nonce_ttl_ms",
+                reason: format!("{ttl} outside 100..=600000"),
+            });
+        }
+        let log_json = match raw.log_format.as_deref() {
+            None | Some("text") => false,
+            Some("json") => true,
+            Some(o) => {
+                return Err(ConfigError::Invalid {
+                    field: "log_format",
+                    reason: format!("{o:?} is not text or json"),
+                })
+            }
+        };
+        Ok(Self {
+            listen,
+            state_dir: raw
+                .state_dir
+                .unwrap_or_else(|| "/var/lib/vouch-verifier".into()),
+            policy_dir: raw
+                .policy_dir
+                .unwrap_or_else(|| "/etc/vouch/policies".into()),
+            ek_ca_bundles: raw.ek_ca_bundles.unwrap_or_default(),
+            ek_allowlist: raw.ek_allowlist.unwrap_or_default(),
+            trust_on_first_use: raw.trust_on_first_use.unwrap_or(false),
+            nonce_ttl: Duration::from_millis(ttl),
+            tls_names: raw
+                .tls_names
+                .unwrap_or_else(|| vec!["localhost".into(), "127.0.0.1".into()]),
+            log_json,
+        })
+    }
+}

@@ -1,0 +1,417 @@
+//! The `vouch.v1.Attestation` gRPC service: enrollment, challenges and
+//! evidence push, over TLS.
+//!
+//! Owns the verifier's in-memory view (compact per-node state, issued
+//! nonces, pending enrollments) and commits every accepted appraisal to the
+//! [`Store`] before answering. Trust boundary: every request comes from a
+//! node and is untrusted; [`status_of`] is the one place that maps errors to
+//! gRPC status codes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tonic::{Request, Response, Status};
+use vouch_proto::api::attestation_server::Attestation;
+use vouch_proto::api::{
+    BeginEnrollmentRequest, Challenge, ChallengeRequest, CompleteEnrollmentRequest,
+    EnrollmentChallenge, EnrollmentResult, Evidence, EvidenceResult, LogState, SidecarStatus,
+};
+use vouch_proto::name::ak_qualified_name;
+use vouch_proto::quote::{AkVerifier, PcrValue};
+use vouch_proto::tpm::Public;
+
+use crate::appraise::{appraise, check_nonce, IntegrityError, IssuedNonce, NodeState, Verdict};
+use crate::enroll::{self, EkTrust, EnrollError};
+use crate::policy::Policy;
+use crate::store::{NodeRecord, Store, StoreError, StoredState};
+
+/// Largest evidence accepted (events included).
+pub const MAX_EVENTS: usize = 10_000;
+
+/// Service errors; [`status_of`] maps them to gRPC codes.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// Enrollment refused.
+    #[error(transparent)]
+    Enroll(#[from] EnrollError),
+    /// Evidence failed integrity.
+    #[error("evidence refused: {0}")]
+    Integrity(#[from] IntegrityError),
+    /// No such node.
+    #[error("unknown node {0}: enroll first")]
+    UnknownNode(String),
+    /// No such pending enrollment.
+    #[error("unknown or expired enrollment {0}")]
+    UnknownEnrollment(String),
+    /// Malformed request.
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// Storage failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The one mapping from errors to gRPC status.
+pub fn status_of(e: ServiceError) -> Status {
+    let msg = e.to_string();
+    match e {
+        ServiceError::Invalid(_)
+        | ServiceError::Enroll(EnrollError::Malformed { .. } | EnrollError::CertParse { .. }) => {
+            Status::invalid_argument(msg)
+        }
+        ServiceError::Integrity(
+            IntegrityError::Quote(_) | IntegrityError::EventMalformed { .. },
+        ) => Status::invalid_argument(msg),
+        ServiceError::Enroll(_) => Status::permission_denied(msg),
+        ServiceError::Integrity(_) => Status::failed_precondition(msg),
+        ServiceError::UnknownNode(_) | ServiceError::UnknownEnrollment(_) => Status::not_found(msg),
+        ServiceError::Store(_) => Status::internal("verifier state unavailable"),
+    }
+}
+
+/// Verifier settings the service needs.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// EK trust configuration.
+    pub trust: EkTrust,
+    /// Nonce lifetime.
+    pub nonce_ttl: Duration,
+}
+
+struct Pending {
+    record: NodeRecord,
+    challenge: enroll::Challenge,
+    expires_ms: u64,
+}
+
+struct Node {
+    record: NodeRecord,
+    state: NodeState,
+    nonce: Option<IssuedNonce>,
+}
+
+struct Inner {
+    store: Box<dyn Store>,
+    nodes: HashMap<String, Node>,
+    pending: HashMap<String, Pending>,
+    policies: Vec<Policy>,
+}
+
+/// The service.
+pub struct Verifier {
+    inner: Mutex<Inner>,
+    settings: Settings,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn random32() -> Result<[u8; 32], ServiceError> {
+    let mut b = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
+        .map_err(|_| ServiceError::Invalid("system random source failed".into()))?;
+    Ok(b)
+}
+
+fn node_state(
+    record: &NodeRecord,
+    stored: Option<&StoredState>,
+) -> Result<NodeState, ServiceError> {
+    let bad = |what: &str, e: String| {
+        ServiceError::Invalid(format!("stored {what} of {}: {e}", record.node_id))
+    };
+    let ek_b = hex::decode(&record.ek_public).map_err(|e| bad("EK", e.to_string()))?;
+    let ak_b = hex::decode(&record.ak_public).map_err(|e| bad("AK", e.to_string()))?;
+    let ek = Public::parse(&ek_b).map_err(|e| bad("EK", e.to_string()))?;
+    let ak = Public::parse(&ak_b).map_err(|e| bad("AK", e.to_string()))?;
+    let mut s = NodeState {
+        name: record.name.clone(),
+        labels: record.labels.clone(),
+        ak: AkVerifier::new(&ak).map_err(|e| bad("AK", e.to_string()))?,
+        qualified_name: ak_qualified_name(&ek, &ak).map_err(|e| bad("AK", e.to_string()))?,
+        boot: None,
+        runtime_pcr: vouch_proto::DEFAULT_RUNTIME_PCR,
+        next_seq: 0,
+        pcr: [0; 32],
+        integrity_lost: None,
+        instances: BTreeMap::new(),
+        anomalies: Vec::new(),
+    };
+    if let Some(st) = stored {
+        st.apply(&mut s);
+    }
+    Ok(s)
+}
+
+fn verdict_name(v: Verdict) -> &'static str {
+    match v {
+        Verdict::Affirming => "affirming",
+        Verdict::Warning => "warning",
+        Verdict::Contraindicated => "contraindicated",
+    }
+}
+
+impl Verifier {
+    /// Loads enrolled nodes from `store`.
+    pub fn new(
+        store: Box<dyn Store>,
+        settings: Settings,
+        policies: Vec<Policy>,
+    ) -> Result<Self, ServiceError> {
+        let mut nodes = HashMap::new();
+        for (record, stored) in store.load()? {
+            let state = node_state(&record, stored.as_ref())?;
+            nodes.insert(
+                record.node_id.clone(),
+                Node {
+                    record,
+                    state,
+                    nonce: None,
+                },
+            );
+        }
+        tracing::info!(nodes = nodes.len(), "verifier state loaded");
+        Ok(Self {
+            inner: Mutex::new(Inner {
+                store,
+                nodes,
+                pending: HashMap::new(),
+                policies,
+            }),
+            settings,
+        })
+    }
+
+    /// Replaces the policy set (after a successful reload).
+    pub fn set_policies(&self, p: Vec<Policy>) {
+        if let Ok(mut g) = self.inner.lock() {
+            g.policies = p;
+        }
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Inner>, ServiceError> {
+        self.inner
+            .lock()
+            .map_err(|_| ServiceError::Invalid("verifier state lock poisoned".into()))
+    }
+
+    fn begin(&self, r: BeginEnrollmentRequest) -> Result<EnrollmentChallenge, ServiceError> {
+        if r.node_name.is_empty() || r.node_name.len() > 253 {
+            return Err(ServiceError::Invalid(
+                "node_name must be 1-253 characters".into(),
+            ));
+        }
+        let basis = enroll::validate_ek(
+            &self.settings.trust,
+            &r.ek_public,
+            &r.ek_certificate,
+            &r.ek_chain,
+            (now_ms() / 1000) as i64,
+        )?;
+        let challenge = enroll::challenge(&r.ek_public, &r.ak_public)?;
+        let id = hex::encode(random32()?);
+        let record = NodeRecord {
+            node_id: enroll::ek_id(&r.ek_public),
+            name: r.node_name,
+            labels: r.labels.into_iter().collect(),
+            ek_public: hex::encode(&r.ek_public),
+            ak_public: hex::encode(&r.ak_public),
+            trust: format!("{basis:?}"),
+            enrolled_unix: now_ms() / 1000,
+        };
+        let out = EnrollmentChallenge {
+            enrollment_id: id.clone(),
+            id_object: challenge.credential.id_object.clone(),
+            encrypted_secret: challenge.credential.encrypted_secret.clone(),
+        };
+        let mut g = self.lock()?;
+        g.pending.retain(|_, p| p.expires_ms > now_ms());
+        g.pending.insert(
+            id,
+            Pending {
+                record,
+                challenge,
+                expires_ms: now_ms() + 60_000,
+            },
+        );
+        Ok(out)
+    }
+
+    fn complete(&self, r: CompleteEnrollmentRequest) -> Result<EnrollmentResult, ServiceError> {
+        let mut g = self.lock()?;
+        let p = g
+            .pending
+            .remove(&r.enrollment_id)
+            .filter(|p| p.expires_ms > now_ms())
+            .ok_or_else(|| ServiceError::UnknownEnrollment(r.enrollment_id.clone()))?;
+        enroll::complete(&p.challenge, &r.secret)?;
+        let rec = p.record;
+        let previous = g
+            .nodes
+            .get(&rec.node_id)
+            .map(|n| n.record.ak_public.clone());
+        let audit = serde_json::json!({
+            "event": if previous.is_some() { "re-enrolled" } else { "enrolled" },
+            "node": rec.name, "trust": rec.trust,
+            "new_ak": previous.as_ref().is_some_and(|a| a != &rec.ak_public),
+        });
+        g.store.put_node(&rec, &audit)?;
+        tracing::info!(node = %rec.name, node_id = %rec.node_id, trust = %rec.trust, reenrolled = previous.is_some(), "node enrolled (AK bound to EK by credential activation)");
+        let state = node_state(&rec, None)?;
+        let id = rec.node_id.clone();
+        g.nodes.insert(
+            id.clone(),
+            Node {
+                record: rec,
+                state,
+                nonce: None,
+            },
+        );
+        Ok(EnrollmentResult { node_id: id })
+    }
+
+    fn challenge(&self, r: ChallengeRequest) -> Result<Challenge, ServiceError> {
+        let nonce = random32()?;
+        let mut g = self.lock()?;
+        let n = g
+            .nodes
+            .get_mut(&r.node_id)
+            .ok_or_else(|| ServiceError::UnknownNode(r.node_id.clone()))?;
+        let expires = now_ms() + self.settings.nonce_ttl.as_millis() as u64;
+        n.nonce = Some(IssuedNonce {
+            nonce,
+            expires_ms: expires,
+            used: false,
+        });
+        Ok(Challenge {
+            nonce: nonce.to_vec(),
+            expires_at_ms: expires,
+            next_seq: n.state.next_seq,
+        })
+    }
+
+    fn push(&self, e: Evidence) -> Result<EvidenceResult, ServiceError> {
+        if e.events.len() > MAX_EVENTS {
+            return Err(ServiceError::Invalid(format!(
+                "{} events exceed the limit of {MAX_EVENTS}",
+                e.events.len()
+            )));
+        }
+        let pcrs: Vec<PcrValue> = e
+            .pcrs
+            .iter()
+            .map(|p| {
+                Ok(PcrValue {
+                    bank: u16::try_from(p.bank).map_err(|_| {
+                        ServiceError::Invalid(format!("PCR bank {} out of range", p.bank))
+                    })?,
+                    index: u8::try_from(p.index).map_err(|_| {
+                        ServiceError::Invalid(format!("PCR index {} out of range", p.index))
+                    })?,
+                    value: p.value.clone(),
+                })
+            })
+            .collect::<Result<_, ServiceError>>()?;
+        let mut guard = self.lock()?;
+        let g = &mut *guard;
+        let n = g
+            .nodes
+            .get_mut(&e.node_id)
+            .ok_or_else(|| ServiceError::UnknownNode(e.node_id.clone()))?;
+        let nonce_check = check_nonce(n.nonce.as_ref(), &e.nonce, now_ms());
+        if let Some(issued) = n.nonce.as_mut() {
+            if issued.nonce.as_slice() == e.nonce.as_slice() {
+                issued.used = true;
+            }
+        }
+        let ev = crate::appraise::Evidence {
+            nonce: &e.nonce,
+            attest: &e.attest,
+            signature: &e.signature,
+            pcrs: &pcrs,
+            events: &e.events,
+            log_integrity_lost: e.log_state == LogState::IntegrityLost as i32,
+        };
+        let a = appraise(&n.state, &ev, nonce_check, &g.policies);
+        let accepted = a.integrity.is_ok();
+        let stored = accepted.then(|| StoredState::of(&a.state));
+        let audit = serde_json::json!({
+            "event": "appraisal",
+            "integrity": match &a.integrity { Ok(()) => serde_json::Value::String("ok".into()), Err(e) => serde_json::to_value(e).unwrap_or_default() },
+            "verdicts": a.verdicts.iter().map(|v| serde_json::json!({"instance": v.id.to_string(), "app_id": v.app_id, "verdict": verdict_name(v.verdict)})).collect::<Vec<_>>(),
+        });
+        // Durable before anything acts on it.
+        g.store
+            .commit(&n.record, stored.as_ref(), &a.verdicts, now_ms(), &audit)?;
+        for v in &a.verdicts {
+            tracing::info!(node = %n.record.name, instance = %v.id, app_id = ?v.app_id, verdict = verdict_name(v.verdict), "sidecar verdict");
+        }
+        if accepted {
+            n.state = a.state;
+        }
+        a.integrity?;
+        Ok(EvidenceResult {
+            next_seq: n.state.next_seq,
+            sidecars: a
+                .verdicts
+                .iter()
+                .map(|v| SidecarStatus {
+                    pid: v.id.pid,
+                    start_time: v.id.start_time,
+                    app_id: v.app_id.clone().unwrap_or_default(),
+                    verdict: verdict_name(v.verdict).into(),
+                })
+                .collect(),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl Attestation for Verifier {
+    async fn begin_enrollment(
+        &self,
+        r: Request<BeginEnrollmentRequest>,
+    ) -> Result<Response<EnrollmentChallenge>, Status> {
+        self.begin(r.into_inner()).map(Response::new).map_err(|e| {
+            tracing::warn!(error = %e, "enrollment refused");
+            status_of(e)
+        })
+    }
+
+    async fn complete_enrollment(
+        &self,
+        r: Request<CompleteEnrollmentRequest>,
+    ) -> Result<Response<EnrollmentResult>, Status> {
+        self.complete(r.into_inner())
+            .map(Response::new)
+            .map_err(|e| {
+                tracing::warn!(error = %e, "enrollment completion refused");
+                status_of(e)
+            })
+    }
+
+    async fn get_challenge(
+        &self,
+        r: Request<ChallengeRequest>,
+    ) -> Result<Response<Challenge>, Status> {
+        self.challenge(r.into_inner())
+            .map(Response::new)
+            .map_err(status_of)
+    }
+
+    async fn push_evidence(
+        &self,
+        r: Request<Evidence>,
+    ) -> Result<Response<EvidenceResult>, Status> {
+        let node = r.get_ref().node_id.clone();
+        self.push(r.into_inner()).map(Response::new).map_err(|e| {
+            tracing::warn!(node_id = %node, error = %e, "evidence refused");
+            status_of(e)
+        })
+    }
+}

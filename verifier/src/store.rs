@@ -1,0 +1,366 @@
+//! Durable verifier state behind a storage interface: nodes and their AKs,
+//! per-boot continuation state, each sidecar's current verdict and its
+//! history, and an audit log of every decision. SQLite by default (one
+//! file, WAL); the SQL is kept portable so a PostgreSQL backend can follow.
+//!
+//! Trust boundary: the database is the verifier's own; a verdict change is
+//! committed before it is acted on.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::{Deserialize, Serialize};
+use vouch_proto::measurement::{Anomaly, Measurement};
+
+use crate::appraise::{NodeState, SidecarVerdict, Verdict};
+
+/// Storage errors.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database failed.
+    #[error("state database: {0}")]
+    Db(#[from] rusqlite::Error),
+    /// A stored row does not decode.
+    #[error("state database row {what}: {reason}")]
+    Corrupt {
+        /// What.
+        what: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// An enrolled node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// Node id: hex SHA-256 of the EK public area.
+    pub node_id: String,
+    /// Node name.
+    pub name: String,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// TPMT_PUBLIC of the EK (hex).
+    pub ek_public: String,
+    /// TPMT_PUBLIC of the AK (hex).
+    pub ak_public: String,
+    /// How the EK was trusted.
+    pub trust: String,
+    /// Enrollment time, Unix seconds.
+    pub enrolled_unix: u64,
+}
+
+/// The serializable part of [`NodeState`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StoredState {
+    /// (resetCount, restartCount).
+    pub boot: Option<(u32, u32)>,
+    /// Runtime PCR index.
+    pub runtime_pcr: u8,
+    /// Next sequence number due.
+    pub next_seq: u64,
+    /// PCR value (hex).
+    pub pcr: String,
+    /// Integrity lost reason.
+    pub integrity_lost: Option<String>,
+    /// Current instances.
+    pub instances: Vec<Measurement>,
+    /// Current anomalies.
+    pub anomalies: Vec<Anomaly>,
+}
+
+impl StoredState {
+    /// Extracts the durable part of a node state.
+    pub fn of(s: &NodeState) -> Self {
+        Self {
+            boot: s.boot,
+            runtime_pcr: s.runtime_pcr,
+            next_seq: s.next_seq,
+            pcr: hex::encode(s.pcr),
+            integrity_lost: s.integrity_lost.clone(),
+            instances: s.instances.values().cloned().collect(),
+            anomalies: s.anomalies.clone(),
+        }
+    }
+
+    /// Applies it onto a freshly enrolled node state.
+    pub fn apply(&self, s: &mut NodeState) {
+        s.boot = self.boot;
+        s.runtime_pcr = self.runtime_pcr;
+        s.next_seq = self.next_seq;
+        if let Ok(b) = hex::decode(&self.pcr) {
+            if let Ok(a) = <[u8; 32]>::try_from(b.as_slice()) {
+                s.pcr = a;
+            }
+        }
+        s.integrity_lost = self.integrity_lost.clone();
+        s.instances = self.instances.iter().map(|m| (m.id, m.clone())).collect();
+        s.anomalies = self.anomalies.clone();
+    }
+}
+
+/// A sidecar's stored verdict.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VerdictRow {
+    /// Node id.
+    pub node_id: String,
+    /// Node name.
+    pub node_name: String,
+    /// Instance (pid@start).
+    pub instance: String,
+    /// App id.
+    pub app_id: Option<String>,
+    /// Namespace.
+    pub namespace: String,
+    /// Verdict.
+    pub verdict: String,
+    /// Reasons (JSON).
+    pub reasons: serde_json::Value,
+    /// Last change, Unix ms.
+    pub updated_ms: u64,
+}
+
+/// The storage interface.
+pub trait Store: Send {
+    /// Every enrolled node with its stored state.
+    fn load(&self) -> Result<Vec<(NodeRecord, Option<StoredState>)>, StoreError>;
+    /// Inserts or replaces a node (re-enrollment) and audits it.
+    fn put_node(&mut self, n: &NodeRecord, audit: &serde_json::Value) -> Result<(), StoreError>;
+    /// Commits an accepted appraisal: state, verdicts, history of changes,
+    /// audit — one transaction.
+    fn commit(
+        &mut self,
+        node: &NodeRecord,
+        state: Option<&StoredState>,
+        verdicts: &[SidecarVerdict],
+        now_ms: u64,
+        audit: &serde_json::Value,
+    ) -> Result<(), StoreError>;
+    /// Current verdicts of every sidecar.
+    fn verdicts(&self) -> Result<Vec<VerdictRow>, StoreError>;
+}
+
+/// SQLite-backed store.
+pub struct SqliteStore {
+    conn: Connection,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SqliteStore")
+    }
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS nodes (
+  node_id TEXT PRIMARY KEY,
+  record TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS node_state (
+  node_id TEXT PRIMARY KEY REFERENCES nodes(node_id),
+  state TEXT NOT NULL,
+  updated_ms BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS verdicts (
+  node_id TEXT NOT NULL,
+  instance TEXT NOT NULL,
+  app_id TEXT,
+  namespace TEXT NOT NULL,
+  verdict TEXT NOT NULL,
+  reasons TEXT NOT NULL,
+  updated_ms BIGINT NOT NULL,
+  PRIMARY KEY (node_id, instance)
+);
+CREATE TABLE IF NOT EXISTS verdict_history (
+  node_id TEXT NOT NULL,
+  instance TEXT NOT NULL,
+  verdict TEXT NOT NULL,
+  reasons TEXT NOT NULL,
+  at_ms BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit (
+  at_ms BIGINT NOT NULL,
+  node_id TEXT,
+  detail TEXT NOT NULL
+);
+";
+
+fn verdict_str(v: Verdict) -> &'static str {
+    match v {
+        Verdict::Affirming => "affirming",
+        Verdict::Warning => "warning",
+        Verdict::Contraindicated => "contraindicated",
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating) the database at `path` in WAL mode.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Self { conn })
+    }
+
+    /// Opens read-only (operator CLI).
+    pub fn open_read_only(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        Ok(Self { conn })
+    }
+}
+
+fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt {
+        what: what.to_owned(),
+        reason: e.to_string(),
+    }
+}
+
+impl Store for SqliteStore {
+    fn load(&self) -> Result<Vec<(NodeRecord, Option<StoredState>)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT node_id, record FROM nodes ORDER BY node_id")?;
+        let rows: Vec<(String, String)> = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (id, rec) in rows {
+            let record: NodeRecord =
+                serde_json::from_str(&rec).map_err(|e| corrupt(&format!("nodes/{id}"), e))?;
+            let state: Option<String> = self
+                .conn
+                .query_row(
+                    "SELECT state FROM node_state WHERE node_id = ?1",
+                    params![id],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let state = match state {
+                Some(s) => Some(
+                    serde_json::from_str(&s)
+                        .map_err(|e| corrupt(&format!("node_state/{id}"), e))?,
+                ),
+                None => None,
+            };
+            out.push((record, state));
+        }
+        Ok(out)
+    }
+
+    fn put_node(&mut self, n: &NodeRecord, audit: &serde_json::Value) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        let rec = serde_json::to_string(n).map_err(|e| corrupt("node record", e))?;
+        tx.execute("DELETE FROM nodes WHERE node_id = ?1", params![n.node_id])?;
+        tx.execute(
+            "INSERT INTO nodes (node_id, record) VALUES (?1, ?2)",
+            params![n.node_id, rec],
+        )?;
+        tx.execute(
+            "DELETE FROM node_state WHERE node_id = ?1",
+            params![n.node_id],
+        )?;
+        tx.execute(
+            "INSERT INTO audit (at_ms, node_id, detail) VALUES (?1, ?2, ?3)",
+            params![n.enrolled_unix as i64 * 1000, n.node_id, audit.to_string()],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn commit(
+        &mut self,
+        node: &NodeRecord,
+        state: Option<&StoredState>,
+        verdicts: &[SidecarVerdict],
+        now_ms: u64,
+        audit: &serde_json::Value,
+    ) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        if let Some(st) = state {
+            let s = serde_json::to_string(st).map_err(|e| corrupt("node state", e))?;
+            tx.execute(
+                "DELETE FROM node_state WHERE node_id = ?1",
+                params![node.node_id],
+            )?;
+            tx.execute(
+                "INSERT INTO node_state (node_id, state, updated_ms) VALUES (?1, ?2, ?3)",
+                params![node.node_id, s, now_ms as i64],
+            )?;
+        }
+        let live: Vec<String> = verdicts.iter().map(|v| v.id.to_string()).collect();
+        // Sidecars that are gone lose their verdict row.
+        let mut stmt = tx.prepare("SELECT instance FROM verdicts WHERE node_id = ?1")?;
+        let stored: Vec<String> = stmt
+            .query_map(params![node.node_id], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        drop(stmt);
+        for inst in stored.iter().filter(|i| !live.contains(i)) {
+            tx.execute(
+                "DELETE FROM verdicts WHERE node_id = ?1 AND instance = ?2",
+                params![node.node_id, inst],
+            )?;
+        }
+        for v in verdicts {
+            let inst = v.id.to_string();
+            let reasons = serde_json::to_string(&v.reasons).map_err(|e| corrupt("reasons", e))?;
+            let prev: Option<String> = tx
+                .query_row(
+                    "SELECT verdict FROM verdicts WHERE node_id = ?1 AND instance = ?2",
+                    params![node.node_id, inst],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let now_v = verdict_str(v.verdict);
+            if prev.as_deref() != Some(now_v) {
+                tx.execute(
+                    "INSERT INTO verdict_history (node_id, instance, verdict, reasons, at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![node.node_id, inst, now_v, reasons, now_ms as i64],
+                )?;
+            }
+            tx.execute(
+                "DELETE FROM verdicts WHERE node_id = ?1 AND instance = ?2",
+                params![node.node_id, inst],
+            )?;
+            tx.execute(
+                "INSERT INTO verdicts (node_id, instance, app_id, namespace, verdict, reasons, updated_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![node.node_id, inst, v.app_id, v.namespace, now_v, reasons, now_ms as i64],
+            )?;
+        }
+        tx.execute(
+            "INSERT INTO audit (at_ms, node_id, detail) VALUES (?1, ?2, ?3)",
+            params![now_ms as i64, node.node_id, audit.to_string()],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn verdicts(&self) -> Result<Vec<VerdictRow>, StoreError> {
+        let names: BTreeMap<String, String> = self
+            .load()?
+            .into_iter()
+            .map(|(r, _)| (r.node_id.clone(), r.name))
+            .collect();
+        let mut stmt = self.conn.prepare(
+            "SELECT node_id, instance, app_id, namespace, verdict, reasons, updated_ms FROM verdicts ORDER BY node_id, instance",
+        )?;
+        let rows = stmt
+            .query_map([], |r| {
+                let node_id: String = r.get(0)?;
+                let reasons: String = r.get(5)?;
+                Ok(VerdictRow {
+                    node_name: names.get(&node_id).cloned().unwrap_or_default(),
+                    node_id,
+                    instance: r.get(1)?,
+                    app_id: r.get(2)?,
+                    namespace: r.get(3)?,
+                    verdict: r.get(4)?,
+                    reasons: serde_json::from_str(&reasons).unwrap_or(serde_json::Value::Null),
+                    updated_ms: r.get::<_, i64>(6)? as u64,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+}
