@@ -202,11 +202,21 @@ impl Pusher {
         let mut pcrs = vouch_proto::BOOT_PCRS.to_vec();
         pcrs.push(pcr.index);
         let q = pcr.tpm.quote(&pcr.ak, &ch.nonce, &pcrs)?;
-        let events: Vec<Vec<u8>> = runlog::read_events(log_path)?
-            .into_iter()
-            .skip(usize::try_from(ch.next_seq).unwrap_or(usize::MAX))
-            .map(|e| e.encode())
-            .collect();
+        let all = runlog::read_events(log_path)?;
+        // The verifier's next_seq counts in the boot it knows; a log of
+        // another boot (or a restarted, integrity-lost log) goes from 0.
+        let log_boot = all
+            .first()
+            .and_then(|e| vouch_proto::measurement::StartFacts::of(e).ok())
+            .map(|f| (f.reset_count, f.restart_count));
+        let same_boot =
+            ch.boot_known && log_boot == Some((ch.boot_reset_count, ch.boot_restart_count));
+        let from = if same_boot {
+            usize::try_from(ch.next_seq).unwrap_or(usize::MAX)
+        } else {
+            0
+        };
+        let events: Vec<Vec<u8>> = all.into_iter().skip(from).map(|e| e.encode()).collect();
         let lost = matches!(log.state(), runlog::LogState::IntegrityLost { .. });
         let ev = Evidence {
             node_id,

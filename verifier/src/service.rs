@@ -288,10 +288,14 @@ impl Verifier {
             expires_ms: expires,
             used: false,
         });
+        let (reset, restart) = n.state.boot.unwrap_or((0, 0));
         Ok(Challenge {
             nonce: nonce.to_vec(),
             expires_at_ms: expires,
             next_seq: n.state.next_seq,
+            boot_known: n.state.boot.is_some(),
+            boot_reset_count: reset,
+            boot_restart_count: restart,
         })
     }
 
