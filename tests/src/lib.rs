@@ -9,6 +9,7 @@
 pub mod containerd;
 pub mod netns;
 pub mod proc;
+pub mod stack;
 pub mod swtpm;
 pub mod vouchd;
 

@@ -105,6 +105,12 @@ impl Config {
                     .collect(),
             );
         }
+        if let Ok(v) = std::env::var("VOUCH_VERIFIER_NONCE_TTL_MS") {
+            raw.nonce_ttl_ms = Some(v.parse().map_err(|_| ConfigError::Invalid {
+                field: "nonce_ttl_ms",
+                reason: format!("VOUCH_VERIFIER_NONCE_TTL_MS={v:?} is not a number"),
+            })?);
+        }
         let listen = raw.listen.unwrap_or_else(|| "127.0.0.1:7443".into());
         let listen = listen.parse().map_err(|e| ConfigError::Invalid {
             field: "listen",
