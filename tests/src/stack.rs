@@ -93,6 +93,7 @@ impl Env {
             .env("VOUCH_VERIFIER_POLICY_DIR", dir.join("policies"))
             .env("VOUCH_VERIFIER_EK_CA_BUNDLES", dir.join("tpm-cas.pem"))
             .env("VOUCH_VERIFIER_NONCE_TTL_MS", "2000")
+            .env("VOUCH_VERIFIER_STALE_AFTER_MS", "3000")
             .stdout(Stdio::null())
             .stderr(
                 std::fs::OpenOptions::new()

@@ -148,3 +148,23 @@ fn verifier_sigkill_and_tpm_reboot_need_no_operator() {
     }
     wait_verdict(&db, good.pid(), "affirming");
 }
+
+#[test]
+fn a_silent_node_loses_its_affirming_verdicts_and_regains_them() {
+    let Some(mut env) = Env::new() else { return };
+    let ns = Netns::new().unwrap();
+    let good = env.standin(&ns, "orders", &[]);
+    let db = env.db();
+    wait_verdict(&db, good.pid(), "affirming");
+    env.vouchd.stop(); // silence (the stack's limit is 3 s)
+    let row = wait_verdict(&db, good.pid(), "contraindicated");
+    assert!(
+        row["reasons"][0]["measured"]
+            .as_str()
+            .unwrap()
+            .contains("silent"),
+        "{row}"
+    );
+    env.vouchd.start().unwrap();
+    wait_verdict(&db, good.pid(), "affirming");
+}

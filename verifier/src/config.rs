@@ -45,6 +45,7 @@ struct Raw {
     ek_allowlist: Option<Vec<String>>,
     trust_on_first_use: Option<bool>,
     nonce_ttl_ms: Option<u64>,
+    stale_after_ms: Option<u64>,
     tls_names: Option<Vec<String>>,
     log_format: Option<String>,
 }
@@ -66,6 +67,8 @@ pub struct Config {
     pub trust_on_first_use: bool,
     /// Nonce lifetime.
     pub nonce_ttl: Duration,
+    /// A node silent this long loses its affirming verdicts.
+    pub stale_after: Duration,
     /// DNS names / IPs in the server certificate.
     pub tls_names: Vec<String>,
     /// JSON logs.
@@ -111,6 +114,19 @@ impl Config {
                 reason: format!("VOUCH_VERIFIER_NONCE_TTL_MS={v:?} is not a number"),
             })?);
         }
+        if let Ok(v) = std::env::var("VOUCH_VERIFIER_STALE_AFTER_MS") {
+            raw.stale_after_ms = Some(v.parse().map_err(|_| ConfigError::Invalid {
+                field: "stale_after_ms",
+                reason: format!("VOUCH_VERIFIER_STALE_AFTER_MS={v:?} is not a number"),
+            })?);
+        }
+        let stale = raw.stale_after_ms.unwrap_or(30_000);
+        if !(500..=86_400_000).contains(&stale) {
+            return Err(ConfigError::Invalid {
+                field: "stale_after_ms",
+                reason: format!("{stale} outside 500..=86400000"),
+            });
+        }
         let listen = raw.listen.unwrap_or_else(|| "127.0.0.1:7443".into());
         let listen = listen.parse().map_err(|e| ConfigError::Invalid {
             field: "listen",
@@ -153,6 +169,7 @@ impl Config {
             ek_allowlist: raw.ek_allowlist.unwrap_or_default(),
             trust_on_first_use: raw.trust_on_first_use.unwrap_or(false),
             nonce_ttl: Duration::from_millis(ttl),
+            stale_after: Duration::from_millis(stale),
             tls_names: raw
                 .tls_names
                 .unwrap_or_else(|| vec!["localhost".into(), "127.0.0.1".into()]),

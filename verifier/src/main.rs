@@ -156,6 +156,17 @@ fn serve(config: Option<PathBuf>) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    let stale_after = cfg.stale_after;
+    let v3 = verifier.clone();
+    rt.spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
+        loop {
+            tick.tick().await;
+            if let Err(e) = v3.expire_stale(stale_after) {
+                tracing::error!(error = %e, "stale-node check failed");
+            }
+        }
+    });
     rt.block_on(async move {
         let svc = vouch_proto::api::attestation_server::AttestationServer::from_arc(verifier)
             .max_decoding_message_size(16 << 20);

@@ -89,6 +89,10 @@ struct Node {
     record: NodeRecord,
     state: NodeState,
     nonce: Option<IssuedNonce>,
+    /// Last accepted evidence (Unix ms; 0 = none since this verifier started).
+    last_ok_ms: u64,
+    /// Sidecars were contraindicated for silence since then.
+    stale: bool,
 }
 
 struct Inner {
@@ -172,6 +176,9 @@ impl Verifier {
                     record,
                     state,
                     nonce: None,
+                    // A restarted verifier gives every node a full window.
+                    last_ok_ms: now_ms(),
+                    stale: false,
                 },
             );
         }
@@ -185,6 +192,53 @@ impl Verifier {
             }),
             settings,
         })
+    }
+
+    /// Contraindicates every sidecar of nodes silent for longer than
+    /// `limit` (committed before it takes effect). Returns how many nodes
+    /// turned stale.
+    pub fn expire_stale(&self, limit: Duration) -> Result<usize, ServiceError> {
+        let now = now_ms();
+        let limit_ms = limit.as_millis() as u64;
+        let mut g = self.lock()?;
+        let g = &mut *g;
+        let mut n_stale = 0;
+        for n in g.nodes.values_mut() {
+            if n.stale
+                || now.saturating_sub(n.last_ok_ms) <= limit_ms
+                || n.state.instances.is_empty()
+            {
+                continue;
+            }
+            let err = IntegrityError::Stale {
+                last_ms: n.last_ok_ms,
+                limit_ms,
+            };
+            let verdicts: Vec<_> = n
+                .state
+                .instances
+                .values()
+                .map(|m| crate::appraise::SidecarVerdict {
+                    id: m.id,
+                    app_id: m.flags.app_id.clone(),
+                    namespace: m.env.namespace.clone().unwrap_or_else(|| "default".into()),
+                    verdict: Verdict::Contraindicated,
+                    reasons: vec![crate::appraise::Reason {
+                        rule: "integrity".into(),
+                        policy: None,
+                        measured: err.to_string(),
+                        expected: "evidence at least every stale_after_ms".into(),
+                        ok: false,
+                    }],
+                })
+                .collect();
+            let audit = serde_json::json!({"event": "stale", "last_ok_ms": n.last_ok_ms, "limit_ms": limit_ms});
+            g.store.commit(&n.record, None, &verdicts, now, &audit)?;
+            tracing::warn!(node = %n.record.name, silent_ms = now - n.last_ok_ms, "node stopped reporting: its sidecars are contraindicated");
+            n.stale = true;
+            n_stale += 1;
+        }
+        Ok(n_stale)
     }
 
     /// Replaces the policy set (after a successful reload).
@@ -270,6 +324,8 @@ impl Verifier {
                 record: rec,
                 state,
                 nonce: None,
+                last_ok_ms: now_ms(),
+                stale: false,
             },
         );
         Ok(EnrollmentResult { node_id: id })
@@ -357,6 +413,8 @@ impl Verifier {
         }
         if accepted {
             n.state = a.state;
+            n.last_ok_ms = now_ms();
+            n.stale = false;
         }
         a.integrity?;
         Ok(EvidenceResult {
