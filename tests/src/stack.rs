@@ -66,6 +66,8 @@ pub struct Env {
     pub sw: Swtpm,
     /// Verifier port.
     pub port: u16,
+    /// Operator HTTP API port.
+    pub http_port: u16,
     /// The verifier process.
     pub verifier: Option<Owned>,
     /// The node daemon.
@@ -92,6 +94,10 @@ impl Env {
             .env("VOUCH_VERIFIER_STATE_DIR", dir.join("verifier"))
             .env("VOUCH_VERIFIER_POLICY_DIR", dir.join("policies"))
             .env("VOUCH_VERIFIER_EK_CA_BUNDLES", dir.join("tpm-cas.pem"))
+            .env(
+                "VOUCH_VERIFIER_HTTP_LISTEN",
+                format!("127.0.0.1:{}", self.http_port),
+            )
             .env("VOUCH_VERIFIER_NONCE_TTL_MS", "2000")
             .env("VOUCH_VERIFIER_STALE_AFTER_MS", "3000")
             .stdout(Stdio::null())
@@ -151,6 +157,7 @@ impl Env {
         let mut env = Self {
             sw,
             port,
+            http_port: free_port(),
             verifier: None,
             vouchd,
         };

@@ -35,6 +35,26 @@ fn enroll_push_appraise_explain() {
         "{text}"
     );
 
+    // Its EAR, fetched over the operator API, verifies with PyJWT against
+    // the published JWKS.
+    if vouch_tests::require_tools(&["python3"]) {
+        let script = format!(
+            "import json, urllib.request, jwt\nbase='http://127.0.0.1:{}'\njwks=json.load(urllib.request.urlopen(base+'/.well-known/jwks.json'))\nsc=[s for s in json.load(urllib.request.urlopen(base+'/v1/sidecars')) if s['instance'].startswith('{}@')][0]\ntok=urllib.request.urlopen(base+'/v1/sidecars/'+sc['node_id']+'/'+sc['instance']+'/ear').read().decode()\nkey=jwt.PyJWKSet.from_dict(jwks)[jwt.get_unverified_header(tok)['kid']]\nc=jwt.decode(tok, key.key, algorithms=['EdDSA'])\nprint(c['submods'][c['sub']]['ear.status'])\n",
+            env.http_port,
+            good.pid()
+        );
+        let out = Command::new("python3")
+            .args(["-c", &script])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "affirming");
+    }
+
     // A second daprd in the namespace: both contraindicated.
     let _impostor = env.standin(
         &ns,

@@ -39,6 +39,7 @@ pub enum ConfigError {
 #[serde(deny_unknown_fields)]
 struct Raw {
     listen: Option<String>,
+    http_listen: Option<String>,
     state_dir: Option<PathBuf>,
     policy_dir: Option<PathBuf>,
     ek_ca_bundles: Option<Vec<PathBuf>>,
@@ -55,6 +56,8 @@ struct Raw {
 pub struct Config {
     /// gRPC (TLS) listen address.
     pub listen: std::net::SocketAddr,
+    /// Operators' JSON API and JWKS (plain HTTP; loopback by default).
+    pub http_listen: std::net::SocketAddr,
     /// State directory: state.db, TLS and EAR keys.
     pub state_dir: PathBuf,
     /// Policy directory (reloaded on change).
@@ -127,6 +130,14 @@ impl Config {
                 reason: format!("{stale} outside 500..=86400000"),
             });
         }
+        if let Ok(v) = std::env::var("VOUCH_VERIFIER_HTTP_LISTEN") {
+            raw.http_listen = Some(v);
+        }
+        let http = raw.http_listen.unwrap_or_else(|| "127.0.0.1:7080".into());
+        let http_listen = http.parse().map_err(|e| ConfigError::Invalid {
+            field: "http_listen",
+            reason: format!("{http:?}: {e}"),
+        })?;
         let listen = raw.listen.unwrap_or_else(|| "127.0.0.1:7443".into());
         let listen = listen.parse().map_err(|e| ConfigError::Invalid {
             field: "listen",
@@ -159,6 +170,7 @@ impl Config {
         };
         Ok(Self {
             listen,
+            http_listen,
             state_dir: raw
                 .state_dir
                 .unwrap_or_else(|| "/var/lib/vouch-verifier".into()),

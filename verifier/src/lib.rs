@@ -8,6 +8,7 @@ pub mod appraise;
 pub mod config;
 pub mod ear;
 pub mod enroll;
+pub mod http;
 pub mod policy;
 pub mod service;
 pub mod simnode;

@@ -156,6 +156,22 @@ fn serve(config: Option<PathBuf>) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    let signer = std::sync::Arc::new(vouch_verifier::ear::EarSigner::load_or_create(
+        &cfg.state_dir.join("ear.key"),
+    )?);
+    let http_listener = {
+        let _g = rt.enter();
+        let std_l = std::net::TcpListener::bind(cfg.http_listen)
+            .with_context(|| format!("http_listen {}", cfg.http_listen))?;
+        std_l.set_nonblocking(true)?;
+        tokio::net::TcpListener::from_std(std_l)?
+    };
+    tracing::info!(listen = %cfg.http_listen, "operator API and JWKS (HTTP)");
+    rt.spawn(vouch_verifier::http::serve(
+        http_listener,
+        verifier.clone(),
+        signer,
+    ));
     let stale_after = cfg.stale_after;
     let v3 = verifier.clone();
     rt.spawn(async move {

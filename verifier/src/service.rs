@@ -93,6 +93,8 @@ struct Node {
     last_ok_ms: u64,
     /// Sidecars were contraindicated for silence since then.
     stale: bool,
+    /// The latest verdicts (what the operator API and EARs serve).
+    verdicts: Vec<crate::appraise::SidecarVerdict>,
 }
 
 struct Inner {
@@ -179,6 +181,7 @@ impl Verifier {
                     // A restarted verifier gives every node a full window.
                     last_ok_ms: now_ms(),
                     stale: false,
+                    verdicts: Vec::new(),
                 },
             );
         }
@@ -235,10 +238,31 @@ impl Verifier {
             let audit = serde_json::json!({"event": "stale", "last_ok_ms": n.last_ok_ms, "limit_ms": limit_ms});
             g.store.commit(&n.record, None, &verdicts, now, &audit)?;
             tracing::warn!(node = %n.record.name, silent_ms = now - n.last_ok_ms, "node stopped reporting: its sidecars are contraindicated");
+            n.verdicts = verdicts;
             n.stale = true;
             n_stale += 1;
         }
         Ok(n_stale)
+    }
+
+    /// Every node's record and latest verdicts.
+    pub fn snapshot(&self) -> Vec<(NodeRecord, Vec<crate::appraise::SidecarVerdict>)> {
+        match self.inner.lock() {
+            Ok(g) => g
+                .nodes
+                .values()
+                .map(|n| (n.record.clone(), n.verdicts.clone()))
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// Names of the policies in force.
+    pub fn policy_names(&self) -> Vec<String> {
+        match self.inner.lock() {
+            Ok(g) => g.policies.iter().map(|p| p.metadata.name.clone()).collect(),
+            Err(_) => Vec::new(),
+        }
     }
 
     /// Replaces the policy set (after a successful reload).
@@ -326,6 +350,7 @@ impl Verifier {
                 nonce: None,
                 last_ok_ms: now_ms(),
                 stale: false,
+                verdicts: Vec::new(),
             },
         );
         Ok(EnrollmentResult { node_id: id })
@@ -411,6 +436,7 @@ impl Verifier {
         for v in &a.verdicts {
             tracing::info!(node = %n.record.name, instance = %v.id, app_id = ?v.app_id, verdict = verdict_name(v.verdict), "sidecar verdict");
         }
+        n.verdicts = a.verdicts.clone();
         if accepted {
             n.state = a.state;
             n.last_ok_ms = now_ms();

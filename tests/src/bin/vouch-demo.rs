@@ -114,6 +114,10 @@ fn main() -> Result<()> {
         Command::new(workspace_bin("vouch-verifier")?)
             .arg("serve")
             .env("VOUCH_VERIFIER_LISTEN", format!("127.0.0.1:{port}"))
+            .env(
+                "VOUCH_VERIFIER_HTTP_LISTEN",
+                format!("127.0.0.1:{http_port}"),
+            )
             .env("VOUCH_VERIFIER_STATE_DIR", &vdir)
             .env("VOUCH_VERIFIER_POLICY_DIR", &pdir)
             .env("VOUCH_VERIFIER_EK_CA_BUNDLES", &bundle)
@@ -214,6 +218,7 @@ fn main() -> Result<()> {
     println!("\n[attack]   a plain process (python3) starts listening on 127.0.0.2:3500 in orders' network namespace");
     show(&wait_verdict(&db, orders.pid(), "contraindicated")?);
     println!("\n[verifier] only affirming sidecars would receive credentials; both impostors and the sidecar they sit next to are refused.");
+    println!("[verifier] signed results (EAR, EdDSA) and the JWKS are at http://127.0.0.1:{http_port}/v1/sidecars and /.well-known/jwks.json");
     drop(v);
     println!("\nDemo finished; all processes stopped, network namespaces and state removed.");
     Ok(())
