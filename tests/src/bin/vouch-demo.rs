@@ -109,6 +109,9 @@ fn main() -> Result<()> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
+    let http_port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let _verifier = Owned::new(
         "vouch-verifier",
         Command::new(workspace_bin("vouch-verifier")?)
