@@ -217,6 +217,13 @@ fn replay_expiry_tampering_foreign_ak_and_garbage_are_refused() {
     ev.pcrs[0].index = 0;
     ev.attest = q.attest.clone();
     let _ = r.push(ev).unwrap_err();
+    // Oversized evidence (9 MiB of events).
+    let ch = r.challenge();
+    let mut big = evidence(&r.node_id, &ch.nonce, &q, vec![vec![0u8; 1 << 20]; 9]);
+    big.log_state = LogState::Intact as i32;
+    let e = r.push(big).unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{}", e.message());
+    assert!(e.message().contains("exceeds the limit"), "{}", e.message());
     let _ = r.challenge(); // the verifier keeps serving
 
     // Integrity failures contraindicate the node's sidecars.

@@ -185,7 +185,7 @@ fn serve(config: Option<PathBuf>) -> Result<()> {
     });
     rt.block_on(async move {
         let svc = vouch_proto::api::attestation_server::AttestationServer::from_arc(verifier)
-            .max_decoding_message_size(16 << 20);
+            .max_decoding_message_size(vouch_verifier::service::MAX_MESSAGE);
         tracing::info!(listen = %cfg.listen, ca = %cfg.state_dir.join("ca.pem").display(), "vouch-verifier serving");
         tonic::transport::Server::builder()
             .tls_config(tonic::transport::ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(cert, key)))?

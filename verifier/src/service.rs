@@ -26,8 +26,13 @@ use crate::enroll::{self, EkTrust, EnrollError};
 use crate::policy::Policy;
 use crate::store::{NodeRecord, Store, StoreError, StoredState};
 
-/// Largest evidence accepted (events included).
+/// Most events accepted in one evidence message.
 pub const MAX_EVENTS: usize = 10_000;
+/// Largest evidence accepted, in bytes of events (the transport accepts
+/// up to [`MAX_MESSAGE`], so larger evidence gets a clear InvalidArgument).
+pub const MAX_EVIDENCE_BYTES: usize = 8 << 20;
+/// Transport limit for one gRPC message.
+pub const MAX_MESSAGE: usize = 32 << 20;
 
 /// Service errors; [`status_of`] maps them to gRPC codes.
 #[derive(Debug, thiserror::Error)]
@@ -381,6 +386,13 @@ impl Verifier {
     }
 
     fn push(&self, e: Evidence) -> Result<EvidenceResult, ServiceError> {
+        let bytes: usize =
+            e.events.iter().map(Vec::len).sum::<usize>() + e.attest.len() + e.signature.len();
+        if bytes > MAX_EVIDENCE_BYTES {
+            return Err(ServiceError::Invalid(format!(
+                "evidence of {bytes} bytes exceeds the limit of {MAX_EVIDENCE_BYTES}"
+            )));
+        }
         if e.events.len() > MAX_EVENTS {
             return Err(ServiceError::Invalid(format!(
                 "{} events exceed the limit of {MAX_EVENTS}",
