@@ -223,15 +223,7 @@ impl Pusher {
             nonce: ch.nonce,
             attest: q.attest,
             signature: q.signature,
-            pcrs: q
-                .pcrs
-                .iter()
-                .map(|p| PbPcr {
-                    bank: u32::from(p.bank),
-                    index: u32::from(p.index),
-                    value: p.value.clone(),
-                })
-                .collect(),
+            pcrs: q.pcrs.iter().map(PbPcr::from).collect(),
             events,
             log_state: if lost {
                 LogState::IntegrityLost

@@ -101,6 +101,16 @@ pub struct PcrValue {
     pub value: Vec<u8>,
 }
 
+impl From<&PcrValue> for crate::api::PcrValue {
+    fn from(p: &PcrValue) -> Self {
+        Self {
+            bank: u32::from(p.bank),
+            index: u32::from(p.index),
+            value: p.value.clone(),
+        }
+    }
+}
+
 /// A quote as vouchd prints it (`vouchd tpm quote`): TPMS_ATTEST,
 /// TPMT_SIGNATURE (hex) and the PCR values it covers.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

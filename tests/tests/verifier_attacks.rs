@@ -77,15 +77,7 @@ fn evidence(
         nonce: nonce.to_vec(),
         attest: q.attest.clone(),
         signature: q.signature.clone(),
-        pcrs: q
-            .pcrs
-            .iter()
-            .map(|p| PbPcr {
-                bank: u32::from(p.bank),
-                index: u32::from(p.index),
-                value: p.value.clone(),
-            })
-            .collect(),
+        pcrs: q.pcrs.iter().map(PbPcr::from).collect(),
         events,
         log_state: LogState::Intact as i32,
     }
