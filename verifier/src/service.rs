@@ -24,7 +24,7 @@ use vouch_proto::tpm::Public;
 use crate::appraise::{appraise, check_nonce, IntegrityError, IssuedNonce, NodeState, Verdict};
 use crate::enroll::{self, EkTrust, EnrollError};
 use crate::policy::Policy;
-use crate::store::{NodeRecord, Store, StoreError, StoredState};
+use crate::store::{CommitOp, NodeRecord, Store, StoreError, StoredState};
 
 /// Most events accepted in one evidence message.
 pub const MAX_EVENTS: usize = 10_000;
@@ -102,8 +102,111 @@ struct Node {
     verdicts: Vec<crate::appraise::SidecarVerdict>,
 }
 
+enum WriteOp {
+    Node(NodeRecord, serde_json::Value),
+    Commit(CommitOp),
+}
+
+type Ack = tokio::sync::oneshot::Sender<Result<(), String>>;
+
+/// The single writer: batches whatever is queued into one transaction
+/// (group commit), so appraisal never waits for one disk write per request;
+/// callers that must not act before durability wait for the ack.
+struct Writer {
+    tx: std::sync::mpsc::Sender<(WriteOp, Option<Ack>)>,
+}
+
+impl Writer {
+    fn spawn(mut store: Box<dyn Store>) -> Result<Self, ServiceError> {
+        let (tx, rx) = std::sync::mpsc::channel::<(WriteOp, Option<Ack>)>();
+        std::thread::Builder::new()
+            .name("state-writer".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut batch = vec![first];
+                    while batch.len() < 1024 {
+                        match rx.try_recv() {
+                            Ok(op) => batch.push(op),
+                            Err(_) => break,
+                        }
+                    }
+                    let mut result: Result<(), String> = Ok(());
+                    let mut commits = Vec::new();
+                    let flush = |commits: &mut Vec<CommitOp>,
+                                 store: &mut Box<dyn Store>,
+                                 result: &mut Result<(), String>| {
+                        if !commits.is_empty() {
+                            if let Err(e) = store.commit_batch(commits) {
+                                *result = Err(e.to_string());
+                            }
+                            commits.clear();
+                        }
+                    };
+                    let mut acks = Vec::new();
+                    for (op, ack) in batch {
+                        match op {
+                            WriteOp::Commit(c) => commits.push(c),
+                            WriteOp::Node(rec, audit) => {
+                                flush(&mut commits, &mut store, &mut result);
+                                if let Err(e) = store.put_node(&rec, &audit) {
+                                    result = Err(e.to_string());
+                                }
+                            }
+                        }
+                        acks.extend(ack);
+                    }
+                    flush(&mut commits, &mut store, &mut result);
+                    if let Err(e) = &result {
+                        tracing::error!(error = %e, "state commit failed");
+                    }
+                    for a in acks {
+                        let _ = a.send(result.clone());
+                    }
+                }
+            })
+            .map_err(|e| ServiceError::Invalid(format!("cannot start the state writer: {e}")))?;
+        Ok(Self { tx })
+    }
+
+    fn send(
+        &self,
+        op: WriteOp,
+        wait: bool,
+    ) -> Option<tokio::sync::oneshot::Receiver<Result<(), String>>> {
+        let (ack, rx) = if wait {
+            let (a, r) = tokio::sync::oneshot::channel();
+            (Some(a), Some(r))
+        } else {
+            (None, None)
+        };
+        if self.tx.send((op, ack)).is_err() {
+            tracing::error!("state writer stopped");
+        }
+        rx
+    }
+}
+
+/// Waits until a write is durable.
+async fn durable(
+    rx: Option<tokio::sync::oneshot::Receiver<Result<(), String>>>,
+) -> Result<(), Status> {
+    match rx {
+        None => Ok(()),
+        Some(rx) => match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "state not durable");
+                Err(status_of(ServiceError::Invalid(
+                    "verifier state unavailable".into(),
+                )))
+            }
+            Err(_) => Err(Status::internal("verifier state writer stopped")),
+        },
+    }
+}
+
 struct Inner {
-    store: Box<dyn Store>,
+    writer: Writer,
     nodes: HashMap<String, Node>,
     pending: HashMap<String, Pending>,
     policies: Vec<Policy>,
@@ -193,7 +296,7 @@ impl Verifier {
         tracing::info!(nodes = nodes.len(), "verifier state loaded");
         Ok(Self {
             inner: Mutex::new(Inner {
-                store,
+                writer: Writer::spawn(store)?,
                 nodes,
                 pending: HashMap::new(),
                 policies,
@@ -241,7 +344,16 @@ impl Verifier {
                 })
                 .collect();
             let audit = serde_json::json!({"event": "stale", "last_ok_ms": n.last_ok_ms, "limit_ms": limit_ms});
-            g.store.commit(&n.record, None, &verdicts, now, &audit)?;
+            g.writer.send(
+                WriteOp::Commit(CommitOp {
+                    node: n.record.clone(),
+                    state: None,
+                    verdicts: verdicts.clone(),
+                    now_ms: now,
+                    audit,
+                }),
+                false,
+            );
             tracing::warn!(node = %n.record.name, silent_ms = now - n.last_ok_ms, "node stopped reporting: its sidecars are contraindicated");
             n.verdicts = verdicts;
             n.stale = true;
@@ -325,7 +437,17 @@ impl Verifier {
         Ok(out)
     }
 
-    fn complete(&self, r: CompleteEnrollmentRequest) -> Result<EnrollmentResult, ServiceError> {
+    #[allow(clippy::type_complexity)]
+    fn complete(
+        &self,
+        r: CompleteEnrollmentRequest,
+    ) -> Result<
+        (
+            EnrollmentResult,
+            Option<tokio::sync::oneshot::Receiver<Result<(), String>>>,
+        ),
+        ServiceError,
+    > {
         let mut g = self.lock()?;
         let p = g
             .pending
@@ -343,7 +465,7 @@ impl Verifier {
             "node": rec.name, "trust": rec.trust,
             "new_ak": previous.as_ref().is_some_and(|a| a != &rec.ak_public),
         });
-        g.store.put_node(&rec, &audit)?;
+        let ack = g.writer.send(WriteOp::Node(rec.clone(), audit), true);
         tracing::info!(node = %rec.name, node_id = %rec.node_id, trust = %rec.trust, reenrolled = previous.is_some(), "node enrolled (AK bound to EK by credential activation)");
         let state = node_state(&rec, None)?;
         let id = rec.node_id.clone();
@@ -358,7 +480,7 @@ impl Verifier {
                 verdicts: Vec::new(),
             },
         );
-        Ok(EnrollmentResult { node_id: id })
+        Ok((EnrollmentResult { node_id: id }, ack))
     }
 
     fn challenge(&self, r: ChallengeRequest) -> Result<Challenge, ServiceError> {
@@ -385,7 +507,17 @@ impl Verifier {
         })
     }
 
-    fn push(&self, e: Evidence) -> Result<EvidenceResult, ServiceError> {
+    #[allow(clippy::type_complexity)]
+    fn push(
+        &self,
+        e: Evidence,
+    ) -> Result<
+        (
+            EvidenceResult,
+            Option<tokio::sync::oneshot::Receiver<Result<(), String>>>,
+        ),
+        ServiceError,
+    > {
         let bytes: usize =
             e.events.iter().map(Vec::len).sum::<usize>() + e.attest.len() + e.signature.len();
         if bytes > MAX_EVIDENCE_BYTES {
@@ -442,9 +574,22 @@ impl Verifier {
             "integrity": match &a.integrity { Ok(()) => serde_json::Value::String("ok".into()), Err(e) => serde_json::to_value(e).unwrap_or_default() },
             "verdicts": a.verdicts.iter().map(|v| serde_json::json!({"instance": v.id.to_string(), "app_id": v.app_id, "verdict": verdict_name(v.verdict)})).collect::<Vec<_>>(),
         });
-        // Durable before anything acts on it.
-        g.store
-            .commit(&n.record, stored.as_ref(), &a.verdicts, now_ms(), &audit)?;
+        // Group commit; a verdict change is durable before we answer.
+        let changed = n.verdicts.len() != a.verdicts.len()
+            || n.verdicts
+                .iter()
+                .zip(&a.verdicts)
+                .any(|(x, y)| x.id != y.id || x.verdict != y.verdict);
+        let ack = g.writer.send(
+            WriteOp::Commit(CommitOp {
+                node: n.record.clone(),
+                state: stored,
+                verdicts: a.verdicts.clone(),
+                now_ms: now_ms(),
+                audit,
+            }),
+            changed,
+        );
         for v in &a.verdicts {
             tracing::info!(node = %n.record.name, instance = %v.id, app_id = ?v.app_id, verdict = verdict_name(v.verdict), "sidecar verdict");
         }
@@ -454,8 +599,12 @@ impl Verifier {
             n.last_ok_ms = now_ms();
             n.stale = false;
         }
-        a.integrity?;
-        Ok(EvidenceResult {
+        if let Err(e) = a.integrity {
+            // The contraindicated verdicts are committed (not awaited here:
+            // refusing is already the safe answer).
+            return Err(e.into());
+        }
+        let result = EvidenceResult {
             next_seq: n.state.next_seq,
             sidecars: a
                 .verdicts
@@ -467,7 +616,8 @@ impl Verifier {
                     verdict: verdict_name(v.verdict).into(),
                 })
                 .collect(),
-        })
+        };
+        Ok((result, ack))
     }
 }
 
@@ -487,12 +637,12 @@ impl Attestation for Verifier {
         &self,
         r: Request<CompleteEnrollmentRequest>,
     ) -> Result<Response<EnrollmentResult>, Status> {
-        self.complete(r.into_inner())
-            .map(Response::new)
-            .map_err(|e| {
-                tracing::warn!(error = %e, "enrollment completion refused");
-                status_of(e)
-            })
+        let (res, ack) = self.complete(r.into_inner()).map_err(|e| {
+            tracing::warn!(error = %e, "enrollment completion refused");
+            status_of(e)
+        })?;
+        durable(ack).await?;
+        Ok(Response::new(res))
     }
 
     async fn get_challenge(
@@ -509,9 +659,11 @@ impl Attestation for Verifier {
         r: Request<Evidence>,
     ) -> Result<Response<EvidenceResult>, Status> {
         let node = r.get_ref().node_id.clone();
-        self.push(r.into_inner()).map(Response::new).map_err(|e| {
+        let (res, ack) = self.push(r.into_inner()).map_err(|e| {
             tracing::warn!(node_id = %node, error = %e, "evidence refused");
             status_of(e)
-        })
+        })?;
+        durable(ack).await?;
+        Ok(Response::new(res))
     }
 }

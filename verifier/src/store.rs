@@ -120,6 +120,21 @@ pub struct VerdictRow {
     pub updated_ms: u64,
 }
 
+/// One accepted appraisal (or staleness decision) to make durable.
+#[derive(Debug, Clone)]
+pub struct CommitOp {
+    /// The node.
+    pub node: NodeRecord,
+    /// New continuation state (None: unchanged).
+    pub state: Option<StoredState>,
+    /// The node's sidecar verdicts now.
+    pub verdicts: Vec<SidecarVerdict>,
+    /// Time of the decision.
+    pub now_ms: u64,
+    /// Audit record.
+    pub audit: serde_json::Value,
+}
+
 /// The storage interface.
 pub trait Store: Send {
     /// Every enrolled node with its stored state.
@@ -136,6 +151,8 @@ pub trait Store: Send {
         now_ms: u64,
         audit: &serde_json::Value,
     ) -> Result<(), StoreError>;
+    /// Commits many appraisals in one transaction (group commit).
+    fn commit_batch(&mut self, ops: &[CommitOp]) -> Result<(), StoreError>;
     /// Current verdicts of every sidecar.
     fn verdicts(&self) -> Result<Vec<VerdictRow>, StoreError>;
 }
@@ -217,6 +234,71 @@ fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
     }
 }
 
+fn apply_commit(tx: &rusqlite::Transaction<'_>, op: &CommitOp) -> Result<(), StoreError> {
+    let (node, state, verdicts, now_ms, audit) = (
+        &op.node,
+        op.state.as_ref(),
+        &op.verdicts,
+        op.now_ms,
+        &op.audit,
+    );
+    if let Some(st) = state {
+        let s = serde_json::to_string(st).map_err(|e| corrupt("node state", e))?;
+        tx.execute(
+            "DELETE FROM node_state WHERE node_id = ?1",
+            params![node.node_id],
+        )?;
+        tx.execute(
+            "INSERT INTO node_state (node_id, state, updated_ms) VALUES (?1, ?2, ?3)",
+            params![node.node_id, s, now_ms as i64],
+        )?;
+    }
+    let live: Vec<String> = verdicts.iter().map(|v| v.id.to_string()).collect();
+    // Sidecars that are gone lose their verdict row.
+    let mut stmt = tx.prepare("SELECT instance FROM verdicts WHERE node_id = ?1")?;
+    let stored: Vec<String> = stmt
+        .query_map(params![node.node_id], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    drop(stmt);
+    for inst in stored.iter().filter(|i| !live.contains(i)) {
+        tx.execute(
+            "DELETE FROM verdicts WHERE node_id = ?1 AND instance = ?2",
+            params![node.node_id, inst],
+        )?;
+    }
+    for v in verdicts {
+        let inst = v.id.to_string();
+        let reasons = serde_json::to_string(&v.reasons).map_err(|e| corrupt("reasons", e))?;
+        let prev: Option<String> = tx
+            .query_row(
+                "SELECT verdict FROM verdicts WHERE node_id = ?1 AND instance = ?2",
+                params![node.node_id, inst],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let now_v = verdict_str(v.verdict);
+        if prev.as_deref() != Some(now_v) {
+            tx.execute(
+                "INSERT INTO verdict_history (node_id, instance, verdict, reasons, at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![node.node_id, inst, now_v, reasons, now_ms as i64],
+            )?;
+        }
+        tx.execute(
+            "DELETE FROM verdicts WHERE node_id = ?1 AND instance = ?2",
+            params![node.node_id, inst],
+        )?;
+        tx.execute(
+            "INSERT INTO verdicts (node_id, instance, app_id, namespace, verdict, reasons, updated_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![node.node_id, inst, v.app_id, v.namespace, now_v, reasons, now_ms as i64],
+        )?;
+    }
+    tx.execute(
+        "INSERT INTO audit (at_ms, node_id, detail) VALUES (?1, ?2, ?3)",
+        params![now_ms as i64, node.node_id, audit.to_string()],
+    )?;
+    Ok(())
+}
+
 impl Store for SqliteStore {
     fn load(&self) -> Result<Vec<(NodeRecord, Option<StoredState>)>, StoreError> {
         let mut stmt = self
@@ -277,61 +359,20 @@ impl Store for SqliteStore {
         now_ms: u64,
         audit: &serde_json::Value,
     ) -> Result<(), StoreError> {
+        self.commit_batch(&[CommitOp {
+            node: node.clone(),
+            state: state.cloned(),
+            verdicts: verdicts.to_vec(),
+            now_ms,
+            audit: audit.clone(),
+        }])
+    }
+
+    fn commit_batch(&mut self, ops: &[CommitOp]) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
-        if let Some(st) = state {
-            let s = serde_json::to_string(st).map_err(|e| corrupt("node state", e))?;
-            tx.execute(
-                "DELETE FROM node_state WHERE node_id = ?1",
-                params![node.node_id],
-            )?;
-            tx.execute(
-                "INSERT INTO node_state (node_id, state, updated_ms) VALUES (?1, ?2, ?3)",
-                params![node.node_id, s, now_ms as i64],
-            )?;
+        for op in ops {
+            apply_commit(&tx, op)?;
         }
-        let live: Vec<String> = verdicts.iter().map(|v| v.id.to_string()).collect();
-        // Sidecars that are gone lose their verdict row.
-        let mut stmt = tx.prepare("SELECT instance FROM verdicts WHERE node_id = ?1")?;
-        let stored: Vec<String> = stmt
-            .query_map(params![node.node_id], |r| r.get(0))?
-            .collect::<Result<_, _>>()?;
-        drop(stmt);
-        for inst in stored.iter().filter(|i| !live.contains(i)) {
-            tx.execute(
-                "DELETE FROM verdicts WHERE node_id = ?1 AND instance = ?2",
-                params![node.node_id, inst],
-            )?;
-        }
-        for v in verdicts {
-            let inst = v.id.to_string();
-            let reasons = serde_json::to_string(&v.reasons).map_err(|e| corrupt("reasons", e))?;
-            let prev: Option<String> = tx
-                .query_row(
-                    "SELECT verdict FROM verdicts WHERE node_id = ?1 AND instance = ?2",
-                    params![node.node_id, inst],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            let now_v = verdict_str(v.verdict);
-            if prev.as_deref() != Some(now_v) {
-                tx.execute(
-                    "INSERT INTO verdict_history (node_id, instance, verdict, reasons, at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-                    params![node.node_id, inst, now_v, reasons, now_ms as i64],
-                )?;
-            }
-            tx.execute(
-                "DELETE FROM verdicts WHERE node_id = ?1 AND instance = ?2",
-                params![node.node_id, inst],
-            )?;
-            tx.execute(
-                "INSERT INTO verdicts (node_id, instance, app_id, namespace, verdict, reasons, updated_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![node.node_id, inst, v.app_id, v.namespace, now_v, reasons, now_ms as i64],
-            )?;
-        }
-        tx.execute(
-            "INSERT INTO audit (at_ms, node_id, detail) VALUES (?1, ?2, ?3)",
-            params![now_ms as i64, node.node_id, audit.to_string()],
-        )?;
         tx.commit()?;
         Ok(())
     }
