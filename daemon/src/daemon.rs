@@ -127,7 +127,6 @@ pub struct Daemon {
     connector_alive: bool,
     uplink: Option<Uplink>,
     push_at: Option<Instant>,
-    log_path: PathBuf,
 }
 
 /// SHA-256 of the running vouchd executable.
@@ -210,7 +209,6 @@ impl Daemon {
             connector_alive: true,
             uplink: None,
             push_at: None,
-            log_path: RuntimeLog::path_in(state_dir),
         })
     }
 
@@ -242,7 +240,7 @@ impl Daemon {
                 return;
             }
         }
-        match u.pusher.push(&mut self.pcr, &self.log, &self.log_path) {
+        match u.pusher.push(&mut self.pcr, &self.log) {
             Ok(r) => {
                 let summary: Vec<String> = r
                     .sidecars
@@ -488,8 +486,9 @@ impl Daemon {
     }
 
     fn check_anomalies(&mut self) -> Result<(), DaemonError> {
-        let ms: Vec<Measurement> = self.instances.values().map(|t| t.m.clone()).collect();
-        let found = self.measurer.anomalies(&ms);
+        let found = self
+            .measurer
+            .anomalies(self.instances.values().map(|t| &t.m));
         let mut now = HashSet::new();
         for a in found {
             let k = Self::anomaly_key(&a);

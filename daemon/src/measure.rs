@@ -488,7 +488,10 @@ impl Measurer {
     }
 
     /// Namespace-wide anomalies among `instances` (all measured daprd).
-    pub fn anomalies(&self, instances: &[Measurement]) -> Vec<Anomaly> {
+    pub fn anomalies<'a>(
+        &self,
+        instances: impl IntoIterator<Item = &'a Measurement>,
+    ) -> Vec<Anomaly> {
         let mut out = Vec::new();
         let mut by_ns: BTreeMap<u64, Vec<&Measurement>> = BTreeMap::new();
         for m in instances {

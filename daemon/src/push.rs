@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+use tonic::transport::Channel;
 use vouch_proto::api::attestation_client::AttestationClient;
 use vouch_proto::api::{
     BeginEnrollmentRequest, ChallengeRequest, CompleteEnrollmentRequest, Evidence, EvidenceResult,
@@ -99,19 +99,7 @@ impl Pusher {
             .enable_all()
             .build()
             .map_err(|e| cerr(e.to_string()))?;
-        let host = url
-            .split("://")
-            .nth(1)
-            .and_then(|r| r.split([':', '/']).next())
-            .unwrap_or("localhost")
-            .to_owned();
-        let endpoint = Channel::from_shared(url.to_owned())
-            .map_err(|e| cerr(e.to_string()))?
-            .tls_config(
-                ClientTlsConfig::new()
-                    .ca_certificate(Certificate::from_pem(ca))
-                    .domain_name(host),
-            )
+        let endpoint = vouch_proto::client::verifier_endpoint(url, &ca)
             .map_err(|e| cerr(e.to_string()))?
             .connect_timeout(Duration::from_secs(3))
             .timeout(Duration::from_secs(10));
@@ -185,7 +173,6 @@ impl Pusher {
         &mut self,
         pcr: &mut TpmPcr,
         log: &RuntimeLog,
-        log_path: &Path,
     ) -> Result<EvidenceResult, PushError> {
         let node_id = self.node_id.clone().unwrap_or_default();
         let mut c = self.client.clone();
@@ -202,21 +189,11 @@ impl Pusher {
         let mut pcrs = vouch_proto::BOOT_PCRS.to_vec();
         pcrs.push(pcr.index);
         let q = pcr.tpm.quote(&pcr.ak, &ch.nonce, &pcrs)?;
-        let all = runlog::read_events(log_path)?;
         // The verifier's next_seq counts in the boot it knows; a log of
         // another boot (or a restarted, integrity-lost log) goes from 0.
-        let log_boot = all
-            .first()
-            .and_then(|e| vouch_proto::measurement::StartFacts::of(e).ok())
-            .map(|f| (f.reset_count, f.restart_count));
         let same_boot =
-            ch.boot_known && log_boot == Some((ch.boot_reset_count, ch.boot_restart_count));
-        let from = if same_boot {
-            usize::try_from(ch.next_seq).unwrap_or(usize::MAX)
-        } else {
-            0
-        };
-        let events: Vec<Vec<u8>> = all.into_iter().skip(from).map(|e| e.encode()).collect();
+            ch.boot_known && log.boot() == Some((ch.boot_reset_count, ch.boot_restart_count));
+        let events = log.raw_since(if same_boot { ch.next_seq } else { 0 })?;
         let lost = matches!(log.state(), runlog::LogState::IntegrityLost { .. });
         let ev = Evidence {
             node_id,

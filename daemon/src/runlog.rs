@@ -108,9 +108,16 @@ pub struct RuntimeLog {
     next_seq: u64,
     pcr: [u8; 32],
     state: LogState,
+    /// File offset of each event's frame (index = sequence number), so
+    /// evidence pushes read only the events the verifier has not seen.
+    offsets: Vec<u64>,
+    /// File length.
+    end: u64,
+    /// TPM boot (resetCount, restartCount) of the log's first event.
+    boot: Option<(u32, u32)>,
 }
 
-/// Reads every event of a log file, with the byte offset of each frame.
+/// Reads every event of a log file.
 pub fn read_events(path: &Path) -> Result<Vec<Event>, LogError> {
     let mut buf = Vec::new();
     File::open(path)
@@ -240,10 +247,24 @@ impl RuntimeLog {
                     .append(true)
                     .open(&log_path)
                     .map_err(io_err(&log_path))?;
+                let mut offsets = Vec::with_capacity(events.len());
+                let mut end = 0u64;
+                for e in &events {
+                    offsets.push(end);
+                    // Canonical: the re-encoding is the stored frame body.
+                    end += 4 + e.encode().len() as u64;
+                }
+                let boot = events
+                    .first()
+                    .and_then(|e| StartFacts::of(e).ok())
+                    .map(|f| (f.reset_count, f.restart_count));
                 let mut log = Self {
                     dir: dir.to_owned(),
                     file,
                     next_seq: events.len() as u64,
+                    offsets,
+                    end,
+                    boot,
                     pcr: pcr_value,
                     state: match &earlier_loss {
                         Some(reason) => LogState::IntegrityLost {
@@ -338,6 +359,9 @@ impl RuntimeLog {
             next_seq: 0,
             pcr: pcr_now,
             state,
+            offsets: Vec::new(),
+            end: 0,
+            boot: None,
         })
     }
 
@@ -365,7 +389,46 @@ impl RuntimeLog {
         pcr.extend(&d)?;
         self.pcr = event::extend(&self.pcr, &d);
         self.next_seq += 1;
+        self.offsets.push(self.end);
+        self.end += frame.len() as u64;
+        if e.seq == 0 {
+            self.boot = StartFacts::of(&e)
+                .ok()
+                .map(|f| (f.reset_count, f.restart_count));
+        }
         Ok(e)
+    }
+
+    /// The encoded events from sequence number `seq` on, read from the
+    /// file without decoding (they were checked when written).
+    pub fn raw_since(&self, seq: u64) -> Result<Vec<Vec<u8>>, LogError> {
+        let Some(&start) = usize::try_from(seq).ok().and_then(|i| self.offsets.get(i)) else {
+            return Ok(Vec::new());
+        };
+        let path = Self::path_in(&self.dir);
+        let mut f = File::open(&path).map_err(io_err(&path))?;
+        std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(start)).map_err(io_err(&path))?;
+        let mut buf = Vec::with_capacity((self.end - start) as usize);
+        f.take(self.end - start)
+            .read_to_end(&mut buf)
+            .map_err(io_err(&path))?;
+        let mut out = Vec::new();
+        let mut rest = &buf[..];
+        while rest.len() >= 4 {
+            let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+            let body = rest.get(4..4 + len).ok_or_else(|| LogError::Corrupt {
+                offset: self.end - rest.len() as u64,
+                reason: "truncated event".into(),
+            })?;
+            out.push(body.to_vec());
+            rest = &rest[4 + len..];
+        }
+        Ok(out)
+    }
+
+    /// TPM boot (resetCount, restartCount) this log belongs to.
+    pub fn boot(&self) -> Option<(u32, u32)> {
+        self.boot
     }
 
     /// The PCR value the log replays to.
@@ -431,6 +494,11 @@ mod tests {
         let log = RuntimeLog::open(dir.path(), &mut pcr, [9; 32]).unwrap();
         assert_eq!(log.state(), &LogState::Intact);
         assert_eq!(log.next_seq(), 3);
+        let all = read_events(&RuntimeLog::path_in(dir.path())).unwrap();
+        let raw = log.raw_since(1).unwrap();
+        assert_eq!(raw, all[1..].iter().map(Event::encode).collect::<Vec<_>>());
+        assert!(log.raw_since(3).unwrap().is_empty());
+        assert_eq!(log.boot(), Some((1, 0)));
         drop(log);
 
         // Crash between fsync and extend: completed on start.

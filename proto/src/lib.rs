@@ -4,7 +4,8 @@
 //! pure computations both sides agree on. This crate does no I/O and links no
 //! TSS C library: the verifier builds and runs without libtss2.
 //!
-//! - [`api`]: the `vouch.v1` gRPC API (tonic/prost, from `proto/vouch/v1`).
+//! - [`api`]: the `vouch.v1` gRPC API (tonic/prost, from `proto/vouch/v1`);
+//!   [`client`]: the one TLS endpoint configuration for reaching the verifier.
 //! - [`event`]: runtime-log events — canonical encoding (byte layout in the
 //!   module docs), digest, and PCR replay.
 //! - [`tpm`]: TPM 2.0 structure codecs (TPMS_ATTEST, TPMT_SIGNATURE,
@@ -16,6 +17,7 @@
 //! Every parser here takes untrusted bytes and returns an error naming the
 //! field and offset instead of panicking; each has a property test.
 
+pub mod client;
 pub mod credential;
 pub mod event;
 pub mod measurement;

@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+use tonic::transport::Channel;
 use vouch_daemon::tpm::{AkAlg, EkChoice, Tpm};
 use vouch_proto::api::attestation_client::AttestationClient;
 use vouch_proto::api::{ChallengeRequest, Evidence, LogState, PcrValue as PbPcr};
@@ -30,13 +30,7 @@ impl Rogue {
             .unwrap();
         let ca = std::fs::read(env.dir().join("verifier/ca.pem")).unwrap();
         let channel = rt.block_on(async {
-            Channel::from_shared(format!("https://127.0.0.1:{}", env.port))
-                .unwrap()
-                .tls_config(
-                    ClientTlsConfig::new()
-                        .ca_certificate(Certificate::from_pem(ca))
-                        .domain_name("127.0.0.1"),
-                )
+            vouch_proto::client::verifier_endpoint(&format!("https://127.0.0.1:{}", env.port), &ca)
                 .unwrap()
                 .connect()
                 .await

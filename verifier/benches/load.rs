@@ -14,7 +14,6 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 use vouch_proto::api::attestation_client::AttestationClient;
 use vouch_proto::api::{ChallengeRequest, Evidence, LogState, PcrValue as PbPcr};
 use vouch_verifier::enroll::ek_id;
@@ -156,13 +155,7 @@ fn main() {
         .build()
         .unwrap();
     let channel = rt.block_on(async {
-        Channel::from_shared(format!("https://127.0.0.1:{}", v.port))
-            .unwrap()
-            .tls_config(
-                ClientTlsConfig::new()
-                    .ca_certificate(Certificate::from_pem(ca))
-                    .domain_name("127.0.0.1"),
-            )
+        vouch_proto::client::verifier_endpoint(&format!("https://127.0.0.1:{}", v.port), &ca)
             .unwrap()
             .connect()
             .await

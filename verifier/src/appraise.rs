@@ -164,6 +164,18 @@ pub enum Verdict {
     Contraindicated,
 }
 
+impl Verdict {
+    /// The wire and storage name (`affirming`, `warning`, `contraindicated`),
+    /// as the EAR draft spells `ear.status`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Affirming => "affirming",
+            Verdict::Warning => "warning",
+            Verdict::Contraindicated => "contraindicated",
+        }
+    }
+}
+
 /// Why, machine-readable.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Reason {

@@ -132,11 +132,7 @@ impl EarSigner {
         policy_ids: &[String],
         now_unix: u64,
     ) -> String {
-        let status = match v.verdict {
-            Verdict::Affirming => "affirming",
-            Verdict::Warning => "warning",
-            Verdict::Contraindicated => "contraindicated",
-        };
+        let status = v.verdict.as_str();
         // Trustworthiness vector: the worst outcome of the rules behind
         // each claim.
         let mut claims = std::collections::BTreeMap::<&str, i64>::new();

@@ -262,14 +262,6 @@ fn node_state(
     Ok(s)
 }
 
-fn verdict_name(v: Verdict) -> &'static str {
-    match v {
-        Verdict::Affirming => "affirming",
-        Verdict::Warning => "warning",
-        Verdict::Contraindicated => "contraindicated",
-    }
-}
-
 impl Verifier {
     /// Loads enrolled nodes from `store`.
     pub fn new(
@@ -572,7 +564,7 @@ impl Verifier {
         let audit = serde_json::json!({
             "event": "appraisal",
             "integrity": match &a.integrity { Ok(()) => serde_json::Value::String("ok".into()), Err(e) => serde_json::to_value(e).unwrap_or_default() },
-            "verdicts": a.verdicts.iter().map(|v| serde_json::json!({"instance": v.id.to_string(), "app_id": v.app_id, "verdict": verdict_name(v.verdict)})).collect::<Vec<_>>(),
+            "verdicts": a.verdicts.iter().map(|v| serde_json::json!({"instance": v.id.to_string(), "app_id": v.app_id, "verdict": v.verdict.as_str()})).collect::<Vec<_>>(),
         });
         // Group commit; a verdict change is durable before we answer.
         let changed = n.verdicts.len() != a.verdicts.len()
@@ -591,7 +583,7 @@ impl Verifier {
             changed,
         );
         for v in &a.verdicts {
-            tracing::info!(node = %n.record.name, instance = %v.id, app_id = ?v.app_id, verdict = verdict_name(v.verdict), "sidecar verdict");
+            tracing::info!(node = %n.record.name, instance = %v.id, app_id = ?v.app_id, verdict = v.verdict.as_str(), "sidecar verdict");
         }
         n.verdicts = a.verdicts.clone();
         if accepted {
@@ -613,7 +605,7 @@ impl Verifier {
                     pid: v.id.pid,
                     start_time: v.id.start_time,
                     app_id: v.app_id.clone().unwrap_or_default(),
-                    verdict: verdict_name(v.verdict).into(),
+                    verdict: v.verdict.as_str().into(),
                 })
                 .collect(),
         };

@@ -13,7 +13,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 use vouch_proto::measurement::{Anomaly, Measurement};
 
-use crate::appraise::{NodeState, SidecarVerdict, Verdict};
+use crate::appraise::{NodeState, SidecarVerdict};
 
 /// Storage errors.
 #[derive(Debug, thiserror::Error)]
@@ -202,14 +202,6 @@ CREATE TABLE IF NOT EXISTS audit (
 );
 ";
 
-fn verdict_str(v: Verdict) -> &'static str {
-    match v {
-        Verdict::Affirming => "affirming",
-        Verdict::Warning => "warning",
-        Verdict::Contraindicated => "contraindicated",
-    }
-}
-
 impl SqliteStore {
     /// Opens (creating) the database at `path` in WAL mode.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
@@ -276,7 +268,7 @@ fn apply_commit(tx: &rusqlite::Transaction<'_>, op: &CommitOp) -> Result<(), Sto
                 |r| r.get(0),
             )
             .optional()?;
-        let now_v = verdict_str(v.verdict);
+        let now_v = v.verdict.as_str();
         if prev.as_deref() != Some(now_v) {
             tx.execute(
                 "INSERT INTO verdict_history (node_id, instance, verdict, reasons, at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
