@@ -81,6 +81,10 @@ struct RawConfig {
     node_name: Option<String>,
     node_labels: Option<std::collections::BTreeMap<String, String>>,
     heartbeat_ms: Option<u64>,
+    workload_socket: Option<PathBuf>,
+    workload_group: Option<String>,
+    sentry_socket: Option<PathBuf>,
+    bundle_file: Option<PathBuf>,
 }
 
 /// Validated vouchd configuration.
@@ -112,6 +116,35 @@ pub struct Config {
     pub node_labels: std::collections::BTreeMap<String, String>,
     /// Evidence heartbeat.
     pub heartbeat: std::time::Duration,
+    /// Credential serving (only with a verifier).
+    pub serve: ServeConfig,
+}
+
+/// Where vouchd serves credentials to attested sidecars.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// SPIFFE Workload API socket (mode 0660).
+    pub workload_socket: PathBuf,
+    /// Group owning the Workload API socket (name or number); none: vouchd's.
+    pub workload_gid: Option<u32>,
+    /// Attesting Dapr Sentry endpoint (TLS on a unix socket).
+    pub sentry_socket: PathBuf,
+    /// The trust bundle (PEM) is kept here, for DAPR_TRUST_ANCHORS.
+    pub bundle_file: PathBuf,
+}
+
+/// Resolves a group name or number via /etc/group.
+fn group_id(g: &str) -> Option<u32> {
+    if let Ok(n) = g.parse() {
+        return Some(n);
+    }
+    std::fs::read_to_string("/etc/group")
+        .ok()?
+        .lines()
+        .find_map(|l| {
+            let mut it = l.split(':');
+            (it.next() == Some(g)).then(|| it.nth(1)?.parse().ok())?
+        })
 }
 
 fn env_parse<T: serde::de::DeserializeOwned>(var: &'static str) -> Result<Option<T>, ConfigError> {
@@ -197,6 +230,18 @@ impl Config {
         }
         if let Some(v) = env_parse("VOUCHD_HEARTBEAT_MS")? {
             raw.heartbeat_ms = Some(v);
+        }
+        if let Some(v) = env_parse::<String>("VOUCHD_WORKLOAD_SOCKET")? {
+            raw.workload_socket = Some(v.into());
+        }
+        if let Some(v) = env_parse::<String>("VOUCHD_WORKLOAD_GROUP")? {
+            raw.workload_group = Some(v);
+        }
+        if let Some(v) = env_parse::<String>("VOUCHD_SENTRY_SOCKET")? {
+            raw.sentry_socket = Some(v.into());
+        }
+        if let Some(v) = env_parse::<String>("VOUCHD_BUNDLE_FILE")? {
+            raw.bundle_file = Some(v.into());
         }
         if let Some(v) = env_parse::<String>("VOUCHD_CONTAINERD_NAMESPACES")? {
             raw.containerd_namespaces = Some(v.split(',').map(|s| s.trim().to_owned()).collect());
@@ -309,7 +354,28 @@ impl Config {
                 .map(|h| h.trim().to_owned())
                 .unwrap_or_else(|_| "node".into())
         });
+        let workload_gid = match raw.workload_group.as_deref() {
+            None => None,
+            Some(g) => Some(group_id(g).ok_or_else(|| ConfigError::Invalid {
+                field: "workload_group",
+                reason: format!("no group {g:?} in /etc/group"),
+            })?),
+        };
+        let state_dir: PathBuf = raw.state_dir.unwrap_or_else(|| "/var/lib/vouch".into());
+        let serve = ServeConfig {
+            workload_socket: raw
+                .workload_socket
+                .unwrap_or_else(|| "/run/vouch/workload.sock".into()),
+            workload_gid,
+            sentry_socket: raw
+                .sentry_socket
+                .unwrap_or_else(|| "/run/vouch/sentry.sock".into()),
+            bundle_file: raw
+                .bundle_file
+                .unwrap_or_else(|| state_dir.join("bundle.pem")),
+        };
         Ok(Self {
+            serve,
             verifier,
             node_name,
             node_labels: raw.node_labels.unwrap_or_default(),
@@ -320,7 +386,7 @@ impl Config {
                 .containerd_socket
                 .unwrap_or_else(|| "/run/containerd/containerd.sock".into()),
             tcti,
-            state_dir: raw.state_dir.unwrap_or_else(|| "/var/lib/vouch".into()),
+            state_dir,
             ek: raw.ek.unwrap_or_default(),
             ak: raw.ak.unwrap_or_default(),
             runtime_pcr,

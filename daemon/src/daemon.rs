@@ -73,6 +73,7 @@ pub enum DaemonError {
 
 enum Msg {
     Shutdown(i32),
+    PushNow,
     Proc(ProcEvent),
     Fs(notify::Event),
     ConnectorDied(String),
@@ -127,6 +128,7 @@ pub struct Daemon {
     connector_alive: bool,
     uplink: Option<Uplink>,
     push_at: Option<Instant>,
+    creds: Option<std::sync::Arc<crate::creds::Creds>>,
 }
 
 /// SHA-256 of the running vouchd executable.
@@ -209,6 +211,7 @@ impl Daemon {
             connector_alive: true,
             uplink: None,
             push_at: None,
+            creds: None,
         })
     }
 
@@ -217,6 +220,24 @@ impl Daemon {
     pub fn with_uplink(mut self, u: Uplink) -> Self {
         self.uplink = Some(u);
         self
+    }
+
+    /// Serves credentials from `creds`: instances are tracked there and
+    /// every verdict reaches it.
+    pub fn with_creds(mut self, c: std::sync::Arc<crate::creds::Creds>) -> Self {
+        self.creds = Some(c);
+        self
+    }
+
+    /// A handle that asks the running loop to push evidence now (used when
+    /// the verifier lost this node's session).
+    pub fn kicker(&self) -> Box<dyn Fn() + Send + Sync> {
+        let tx = std::sync::Mutex::new(self.tx.clone());
+        Box::new(move || {
+            if let Ok(tx) = tx.lock() {
+                let _ = tx.send(Msg::PushNow);
+            }
+        })
     }
 
     fn plan_push(&mut self, delay: Duration) {
@@ -242,6 +263,9 @@ impl Daemon {
         }
         match u.pusher.push(&mut self.pcr, &self.log) {
             Ok(r) => {
+                if let (Some(c), Some(id)) = (&self.creds, &u.pusher.node_id) {
+                    c.on_push(&r, id);
+                }
                 let summary: Vec<String> = r
                     .sidecars
                     .iter()
@@ -255,7 +279,17 @@ impl Daemon {
                 tracing::warn!(%status, "verifier does not know this node; enrolling again");
                 u.pusher.node_id = None;
             }
-            Err(e) => tracing::warn!(error = %e, "evidence push failed"),
+            Err(e) => {
+                if let (Some(c), crate::push::PushError::Rpc { status, .. }) = (&self.creds, &e) {
+                    // Refused evidence: the verifier contraindicates every
+                    // sidecar here; do not wait for its Watch message.
+                    c.on_push_failed(matches!(
+                        status.code(),
+                        tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument
+                    ));
+                }
+                tracing::warn!(error = %e, "evidence push failed")
+            }
         }
     }
 
@@ -273,14 +307,14 @@ impl Daemon {
         &mut self,
         kind: EventKind,
         body: vouch_proto::event::Record,
-    ) -> Result<(), DaemonError> {
+    ) -> Result<u64, DaemonError> {
         let e = self.log.append(&mut self.pcr, kind, body)?;
         tracing::info!(seq = e.seq, kind = ?e.kind, "runtime log event extended into PCR {}", self.pcr.index);
         // Events close together share one quote.
         if let Some(c) = self.uplink.as_ref().map(|u| u.coalesce) {
             self.plan_push(c);
         }
-        Ok(())
+        Ok(e.seq)
     }
 
     /// What to watch for an instance: (directories to watch, files whose
@@ -409,7 +443,10 @@ impl Daemon {
             return Ok(());
         };
         tracing::info!(pid, id = %meas.id, app_id = ?meas.flags.app_id, exe_sha256 = ?meas.exe.sha256, "daprd instance measured");
-        self.append(EventKind::InstanceMeasured, m::measured_body(&meas))?;
+        let seq = self.append(EventKind::InstanceMeasured, m::measured_body(&meas))?;
+        if let Some(c) = &self.creds {
+            c.track(&meas, seq);
+        }
         self.track(meas);
         // Listeners and files settle after exec: look again shortly.
         for ms in [30, 150, 600, 2500] {
@@ -421,6 +458,9 @@ impl Daemon {
     fn exited(&mut self, pid: u32) -> Result<(), DaemonError> {
         if let Some(meas) = self.untrack(pid) {
             tracing::info!(pid, id = %meas.id, "daprd instance exited");
+            if let Some(c) = &self.creds {
+                c.untrack(pid);
+            }
             self.append(EventKind::InstanceExited, m::exited_body(&meas.id))?;
             self.check_anomalies()?;
         }
@@ -468,9 +508,12 @@ impl Daemon {
                         .map(str::to_owned)
                         .filter(|_| new.exe != old.exe)
                 });
-            match changed_file {
+            let seq = match changed_file {
                 Some(p) => self.append(EventKind::FileChanged, m::file_changed_body(&new, &p))?,
                 None => self.append(EventKind::InstanceMeasured, m::measured_body(&new))?,
+            };
+            if let Some(c) = &self.creds {
+                c.touch(Some(pid), seq);
             }
             self.untrack(pid);
             self.track(new);
@@ -494,7 +537,11 @@ impl Daemon {
             let k = Self::anomaly_key(&a);
             if !self.anomalies.contains(&k) {
                 tracing::warn!(kind = ?a.kind, detail = %a.detail, "anomaly");
-                self.append(EventKind::Anomaly, m::anomaly_body(&a))?;
+                let seq = self.append(EventKind::Anomaly, m::anomaly_body(&a))?;
+                if let Some(c) = &self.creds {
+                    // Who is affected is the verifier's call: everyone waits.
+                    c.touch(None, seq);
+                }
             }
             now.insert(k);
         }
@@ -600,6 +647,10 @@ impl Daemon {
                     self.consider(pid)?
                 }
                 Ok(Msg::Proc(ProcEvent::Exit { pid })) => self.exited(pid)?,
+                Ok(Msg::PushNow) => {
+                    let c = self.uplink.as_ref().map_or(Duration::ZERO, |u| u.coalesce);
+                    self.plan_push(c);
+                }
                 Ok(Msg::Proc(ProcEvent::Overflow)) => {
                     tracing::warn!("kernel dropped process events; rescanning /proc");
                     self.cleared.clear();

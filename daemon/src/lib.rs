@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod containerd;
+pub mod creds;
 pub mod daemon;
 pub mod dapr;
 pub mod hash;
@@ -15,5 +16,8 @@ pub mod measure;
 pub mod procfs;
 pub mod push;
 pub mod runlog;
+pub mod sentry;
+pub mod serve;
 pub mod sys;
 pub mod tpm;
+pub mod workload;

@@ -120,6 +120,60 @@ fn hex_arg(name: &str, v: &str) -> Result<Vec<u8>> {
     hex::decode(v.trim()).with_context(|| format!("--{name} is not valid hex"))
 }
 
+/// Starts credential serving (Workload API, Sentry endpoint, the
+/// verifier's Watch stream, Sentry token files) on its own runtime.
+fn serve_credentials(
+    cfg: &Config,
+    url: &str,
+    ca: &std::path::Path,
+    kick: Box<dyn Fn() + Send + Sync>,
+) -> Result<(
+    tokio::runtime::Runtime,
+    std::sync::Arc<vouch_daemon::creds::Creds>,
+)> {
+    use vouch_daemon::{creds::Creds, sentry, serve, workload};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("vouchd-creds")
+        .enable_all()
+        .build()?;
+    let ca_pem = std::fs::read(ca).with_context(|| format!("verifier_ca {}", ca.display()))?;
+    let endpoint = vouch_proto::client::verifier_endpoint(url, &ca_pem)?
+        .connect_timeout(std::time::Duration::from_secs(3));
+    let _g = rt.enter();
+    let creds = std::sync::Arc::new(Creds::new(
+        endpoint.connect_lazy(),
+        kick,
+        cfg.serve.bundle_file.clone(),
+    ));
+    let wl = serve::bind(&cfg.serve.workload_socket, cfg.serve.workload_gid)
+        .with_context(|| format!("workload_socket {}", cfg.serve.workload_socket.display()))?;
+    let sl = serve::bind(&cfg.serve.sentry_socket, cfg.serve.workload_gid)
+        .with_context(|| format!("sentry_socket {}", cfg.serve.sentry_socket.display()))?;
+    let api = workload::WorkloadApi {
+        creds: creds.clone(),
+    };
+    rt.spawn(async move {
+        let r = tonic::transport::Server::builder()
+            .add_service(
+                vouch_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer::new(
+                    api,
+                ),
+            )
+            .serve_with_incoming(serve::incoming(wl))
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "Workload API stopped");
+        }
+    });
+    tracing::info!(workload = %cfg.serve.workload_socket.display(), sentry = %cfg.serve.sentry_socket.display(), bundle = %cfg.serve.bundle_file.display(), "serving credentials to attested sidecars");
+    rt.spawn(sentry::run(creds.clone(), sl));
+    rt.spawn(creds.clone().watch_loop());
+    rt.spawn(creds.clone().token_loop());
+    drop(_g);
+    Ok((rt, creds))
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let cfg = Config::load(cli.config.as_deref())?;
@@ -195,7 +249,21 @@ fn main() -> Result<()> {
             if let vouch_daemon::runlog::LogState::IntegrityLost { reason } = daemon.log_state() {
                 tracing::error!(%reason, "runtime log integrity LOST for this boot; the verifier will treat this node as failed");
             }
-            daemon.run()?;
+            let serving = match &cfg.verifier {
+                Some((url, ca)) => {
+                    let (rt, creds) = serve_credentials(&cfg, url, ca, daemon.kicker())?;
+                    daemon = daemon.with_creds(creds);
+                    Some(rt)
+                }
+                None => None,
+            };
+            let result = daemon.run();
+            if let Some(rt) = serving {
+                rt.shutdown_timeout(std::time::Duration::from_secs(1));
+                let _ = std::fs::remove_file(&cfg.serve.workload_socket);
+                let _ = std::fs::remove_file(&cfg.serve.sentry_socket);
+            }
+            result?;
         }
         Command::Tpm(cmd) => {
             let (mut tpm, ek, ak) = open(&cfg)?;

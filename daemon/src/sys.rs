@@ -8,6 +8,11 @@
 //!   `NETLINK_CONNECTOR`, group `CN_IDX_PROC`), which reports every exec and
 //!   exit as it happens. Needs CAP_NET_ADMIN (root).
 //!
+//! - Files in a measured process's root ([`open_dir_in_root`],
+//!   [`write_at`], [`remove_at`]: Sentry token files) and pidfds ([`peer_pidfd`],
+//!   [`pidfd_open`], [`pidfd_signal`]): identify a caller by the process,
+//!   not by a pid that can be reused.
+//!
 //! Trust boundary: netlink messages come from the kernel (checked: sender
 //! port id 0) and are parsed with bounds checks; paths come from measured
 //! processes and are confined by the kernel's RESOLVE_IN_ROOT.
@@ -22,21 +27,37 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 /// component inside /proc/PID/root, never following magic links.
 pub fn open_in_root(pid: u32, path: &str) -> io::Result<File> {
     let root = File::open(format!("/proc/{pid}/root"))?;
+    let fd = openat2_in_root(
+        &root,
+        path,
+        libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOCTTY,
+        0,
+    )?;
+    Ok(File::from(fd))
+}
+
+fn cpath(rel: &str) -> io::Result<CString> {
+    CString::new(rel).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))
+}
+
+/// `openat2(dir, path, flags, mode)` with RESOLVE_IN_ROOT and
+/// RESOLVE_NO_MAGICLINKS: `dir` acts as `/` for every component.
+fn openat2_in_root(dir: &File, path: &str, flags: i32, mode: u32) -> io::Result<OwnedFd> {
     let rel = path.trim_start_matches('/');
     let rel = if rel.is_empty() { "." } else { rel };
-    let c = CString::new(rel)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))?;
+    let c = cpath(rel)?;
     // SAFETY: open_how is plain data; all-zero is a valid value.
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOCTTY) as u64;
+    how.flags = flags as u64;
+    how.mode = u64::from(mode);
     how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
-    // SAFETY: `root` is an open directory fd for the duration of the call,
+    // SAFETY: `dir` is an open directory fd for the duration of the call,
     // `c` is a NUL-terminated string, and `how` is a fully initialised
     // open_how whose size we pass; the kernel only reads them.
     let fd = unsafe {
         libc::syscall(
             libc::SYS_openat2,
-            root.as_raw_fd(),
+            dir.as_raw_fd(),
             c.as_ptr(),
             &how as *const libc::open_how,
             std::mem::size_of::<libc::open_how>(),
@@ -46,7 +67,175 @@ pub fn open_in_root(pid: u32, path: &str) -> io::Result<File> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: the syscall returned a new fd that nothing else owns.
-    Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd as i32) }))
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Splits an in-root path into (parent directory, file name).
+pub fn split_file(path: &str) -> io::Result<(&str, &str)> {
+    let (dir, name) = path.rsplit_once('/').unwrap_or(("", path));
+    if name.is_empty() || name == "." || name == ".." {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{path:?} does not name a file"),
+        ));
+    }
+    Ok((if dir.is_empty() { "/" } else { dir }, name))
+}
+
+/// Opens directory `dir` (as the process sees it) inside /proc/PID/root.
+pub fn open_dir_in_root(pid: u32, dir: &str) -> io::Result<File> {
+    let root = File::open(format!("/proc/{pid}/root"))?;
+    Ok(File::from(openat2_in_root(
+        &root,
+        dir,
+        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        0,
+    )?))
+}
+
+/// Atomically replaces file `name` in directory `dir` with `data` (mode
+/// 0600, owned by `uid`:`gid`): a temporary file is written, fsync'd and
+/// renamed over the target. A symlink at `name` is replaced, never
+/// followed.
+pub fn write_at(dir: &File, name: &str, data: &[u8], uid: u32, gid: u32) -> io::Result<()> {
+    use std::io::Write;
+    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{name:?} is not a file name"),
+        ));
+    }
+    let tmp = format!(".{name}.vouch-{}", std::process::id());
+    let ctmp = cpath(&tmp)?;
+    let cname = cpath(name)?;
+    // SAFETY: dir is open; ctmp is NUL-terminated; unlinking a stale
+    // temporary of ours is harmless if it does not exist.
+    unsafe { libc::unlinkat(dir.as_raw_fd(), ctmp.as_ptr(), 0) };
+    // SAFETY: as above; O_EXCL|O_NOFOLLOW create a fresh regular file.
+    let fd = unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            ctmp.as_ptr(),
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            0o600 as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new fd nothing else owns.
+    let mut f = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    let result = (|| {
+        // SAFETY: f is an open fd we own.
+        if unsafe { libc::fchown(f.as_raw_fd(), uid, gid) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        f.write_all(data)?;
+        f.sync_all()?;
+        // SAFETY: dir open; both names NUL-terminated.
+        if unsafe {
+            libc::renameat(
+                dir.as_raw_fd(),
+                ctmp.as_ptr(),
+                dir.as_raw_fd(),
+                cname.as_ptr(),
+            )
+        } != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        // SAFETY: as above.
+        unsafe { libc::unlinkat(dir.as_raw_fd(), ctmp.as_ptr(), 0) };
+    }
+    result
+}
+
+/// Removes file `name` from directory `dir` (a final symlink itself is
+/// removed). Missing is success.
+pub fn remove_at(dir: &File, name: &str) -> io::Result<()> {
+    let cname = cpath(name)?;
+    // SAFETY: dir open; cname NUL-terminated.
+    if unsafe { libc::unlinkat(dir.as_raw_fd(), cname.as_ptr(), 0) } != 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::NotFound {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// Removes the file at the in-root `path` of process `pid`.
+pub fn remove_in_root(pid: u32, path: &str) -> io::Result<()> {
+    let (dir, name) = split_file(path)?;
+    let d = open_dir_in_root(pid, dir)?;
+    remove_at(&d, name)
+}
+
+/// A pidfd for the process at the other end of a connected unix socket,
+/// taken by the kernel at connect time (`SO_PEERPIDFD`, Linux 6.5+): it
+/// names that exact process, so a later pid reuse cannot be mistaken for it.
+pub fn peer_pidfd(sock: &impl AsRawFd) -> io::Result<OwnedFd> {
+    const SO_PEERPIDFD: libc::c_int = 77;
+    let mut fd: libc::c_int = -1;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: fd/len point to properly sized locals the kernel writes.
+    let r = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_PEERPIDFD,
+            (&mut fd as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 || fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new fd we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `pidfd_open(pid)`.
+pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall with integer arguments.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new fd we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Sends `sig` through a pidfd (never to a process that reused the pid).
+pub fn pidfd_signal(pidfd: &OwnedFd, sig: i32) -> io::Result<()> {
+    // SAFETY: pidfd is open; a null siginfo is allowed.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            sig,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The pid a pidfd refers to, or None once that process has exited
+/// (`/proc/self/fdinfo` reports `Pid: -1`).
+pub fn pidfd_pid(pidfd: &OwnedFd) -> Option<u32> {
+    let s = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd())).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("Pid:"))
+        .and_then(|v| v.trim().parse::<i64>().ok())
+        .and_then(|p| u32::try_from(p).ok())
+        .filter(|p| *p > 0)
 }
 
 /// An exec or exit reported by the kernel.

@@ -37,6 +37,31 @@ pub mod api {
     tonic::include_proto!("vouch.v1");
 }
 
+/// Dapr Sentry's certificate API (`dapr.proto.sentry.v1.CA`), generated from
+/// `proto/dapr/proto/sentry/v1/sentry.proto` (written from the wire facts).
+#[allow(
+    missing_docs,
+    clippy::all,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic
+)]
+pub mod sentry {
+    tonic::include_proto!("dapr.proto.sentry.v1");
+}
+
+/// The SPIFFE Workload API (`SpiffeWorkloadAPI`, no proto package).
+#[allow(
+    missing_docs,
+    clippy::all,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic
+)]
+pub mod workload {
+    tonic::include_proto!("_");
+}
+
 /// The runtime PCR's default index: 13.
 ///
 /// Why 13: PCRs 16 and 23 can be reset from locality 0, so anyone with TPM

@@ -8,6 +8,16 @@
 //! `--config` file and every file under each `--resources-path` /
 //! `--components-path`, as daprd does at start. Then it waits until killed,
 //! accepting and closing connections. `--exit-after-ms N` exits on its own.
+//!
+//! Credentials, as daprd gets them: with `--sentry-address unix:///PATH` it
+//! asks that Sentry for a workload certificate (Ed25519 key, PEM CSR, app-id
+//! from `SENTRY_LOCAL_IDENTITY` or `--app-id`, namespace from `NAMESPACE`),
+//! checking the server against `DAPR_TRUST_ANCHORS` and Sentry's SPIFFE ID
+//! (`--control-plane-trust-domain`, `--control-plane-namespace`), renews at
+//! half-life and retries on failure (every `STANDIN_RETRY_MS`, default 10 s
+//! like daprd). With `STANDIN_WORKLOAD_SOCKET` it follows the SPIFFE
+//! Workload API's X.509 stream. Outcomes go as JSON lines to the file named
+//! by `STANDIN_REPORT`.
 
 use std::io::Read;
 use std::net::TcpListener;
@@ -126,10 +136,192 @@ fn main() {
             }
         });
     }
+    let sentry =
+        one(get("sentry-address")).and_then(|a| a.strip_prefix("unix://").map(str::to_owned));
+    let workload = std::env::var("STANDIN_WORKLOAD_SOCKET").ok();
+    if sentry.is_some() || workload.is_some() {
+        let cp_td = one(get("control-plane-trust-domain")).unwrap_or_else(|| "localhost".into());
+        let cp_ns = one(get("control-plane-namespace")).unwrap_or_else(|| "default".into());
+        let app = app_id.clone();
+        std::thread::spawn(move || {
+            credentials(
+                sentry,
+                workload,
+                app,
+                format!("spiffe://{cp_td}/ns/{cp_ns}/dapr-sentry"),
+            )
+        });
+    }
     match exit_after {
         Some(ms) => std::thread::sleep(Duration::from_millis(ms)),
         None => loop {
             std::thread::park();
         },
+    }
+}
+
+fn report(v: serde_json::Value) {
+    use std::io::Write;
+    let Ok(path) = std::env::var("STANDIN_REPORT") else {
+        eprintln!("stand-in daprd: {v}");
+        return;
+    };
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = writeln!(f, "{v}");
+    }
+}
+
+fn der_pem(der: &[u8], tag: &str) -> String {
+    use base64::Engine;
+    let b = base64::engine::general_purpose::STANDARD.encode(der);
+    let body: Vec<&str> = b
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).unwrap_or_default())
+        .collect();
+    format!(
+        "-----BEGIN {tag}-----\n{}\n-----END {tag}-----\n",
+        body.join("\n")
+    )
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn credentials(
+    sentry: Option<String>,
+    workload: Option<String>,
+    app_id: String,
+    sentry_id: String,
+) {
+    let retry = Duration::from_millis(
+        std::env::var("STANDIN_RETRY_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(10_000),
+    );
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return;
+    };
+    rt.block_on(async move {
+        let mut tasks = Vec::new();
+        if let Some(path) = sentry {
+            tasks.push(tokio::spawn(sentry_loop(
+                path.into(),
+                app_id,
+                sentry_id,
+                retry,
+            )));
+        }
+        if let Some(path) = workload {
+            tasks.push(tokio::spawn(workload_loop(path.into(), retry)));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+    });
+}
+
+async fn sentry_loop(path: std::path::PathBuf, app_id: String, sentry_id: String, retry: Duration) {
+    use vouch_proto::sentry::{sign_certificate_request::TokenValidator, SignCertificateRequest};
+    loop {
+        let anchors = std::env::var("DAPR_TRUST_ANCHORS").unwrap_or_default();
+        let id = std::env::var("SENTRY_LOCAL_IDENTITY").unwrap_or_else(|_| app_id.clone());
+        let ns = std::env::var("NAMESPACE").unwrap_or_else(|_| "default".into());
+        let attempt = async {
+            let (key, csr) = vouch_standin::ed25519_csr()?;
+            let ch = vouch_standin::sentry_channel(&path, &anchors, &sentry_id).await?;
+            let r = vouch_standin::sign_certificate(
+                ch,
+                SignCertificateRequest {
+                    id: id.clone(),
+                    token: String::new(),
+                    trust_domain: "public".into(),
+                    namespace: ns.clone(),
+                    certificate_signing_request: csr,
+                    token_validator: TokenValidator::Insecure as i32,
+                    jwt_audiences: Vec::new(),
+                },
+            )
+            .await?;
+            Ok::<_, vouch_standin::ClientError>((key, r))
+        };
+        let wait = match attempt.await {
+            Ok((key, r)) => {
+                let until = r.valid_until.map_or(0, |t| t.seconds.max(0) as u64);
+                report(serde_json::json!({
+                    "event": "sentry_issued",
+                    "requested_id": id,
+                    "cert_pem": String::from_utf8_lossy(&r.workload_certificate),
+                    "key_pem": key,
+                    "anchors_pem": r.trust_chain_certificates.iter().map(|c| String::from_utf8_lossy(c).into_owned()).collect::<Vec<_>>(),
+                    "valid_until": until,
+                }));
+                // Renew at half the remaining lifetime, as daprd does.
+                Duration::from_secs(until.saturating_sub(now_unix()) / 2)
+                    .max(Duration::from_secs(1))
+            }
+            Err(e) => {
+                let (code, message) = match &e {
+                    vouch_standin::ClientError::Status(s) => {
+                        (format!("{:?}", s.code()), s.message().to_owned())
+                    }
+                    other => ("Transport".into(), other.to_string()),
+                };
+                report(
+                    serde_json::json!({"event": "sentry_denied", "requested_id": id, "code": code, "message": message}),
+                );
+                retry
+            }
+        };
+        tokio::time::sleep(wait).await;
+    }
+}
+
+async fn workload_loop(path: std::path::PathBuf, retry: Duration) {
+    use vouch_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+    loop {
+        let r = async {
+            let ch = vouch_standin::unix_channel(&path).await?;
+            let mut c = SpiffeWorkloadApiClient::new(ch);
+            let mut s = c
+                .fetch_x509svid(vouch_standin::workload_request(
+                    vouch_proto::workload::X509svidRequest {},
+                ))
+                .await?
+                .into_inner();
+            while let Some(m) = s.message().await? {
+                for v in m.svids {
+                    report(serde_json::json!({
+                        "event": "x509",
+                        "spiffe_id": v.spiffe_id,
+                        "cert_pem": der_pem(&v.x509_svid, "CERTIFICATE"),
+                        "key_pem": der_pem(&v.x509_svid_key, "PRIVATE KEY"),
+                        "bundle_pem": vouch_standin::split_der(&v.bundle).iter().map(|d| der_pem(d, "CERTIFICATE")).collect::<String>(),
+                    }));
+                }
+            }
+            Ok::<_, vouch_standin::ClientError>(())
+        };
+        let (code, message) = match r.await {
+            Ok(()) => ("Ok".to_string(), "stream ended".to_string()),
+            Err(vouch_standin::ClientError::Status(s)) => {
+                (format!("{:?}", s.code()), s.message().to_owned())
+            }
+            Err(e) => ("Transport".into(), e.to_string()),
+        };
+        report(serde_json::json!({"event": "stream_end", "code": code, "message": message}));
+        tokio::time::sleep(retry).await;
     }
 }

@@ -72,6 +72,8 @@ pub struct Env {
     pub verifier: Option<Owned>,
     /// The node daemon.
     pub vouchd: Vouchd,
+    /// Extra environment for the verifier (set before [`Env::start_verifier`]).
+    pub verifier_env: Vec<(String, String)>,
 }
 
 impl Env {
@@ -100,6 +102,11 @@ impl Env {
             )
             .env("VOUCH_VERIFIER_NONCE_TTL_MS", "2000")
             .env("VOUCH_VERIFIER_STALE_AFTER_MS", "3000")
+            .envs(
+                self.verifier_env
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str())),
+            )
             .stdout(Stdio::null())
             .stderr(
                 std::fs::OpenOptions::new()
@@ -122,9 +129,35 @@ impl Env {
         }
     }
 
+    /// The Workload API socket.
+    pub fn workload_socket(&self) -> std::path::PathBuf {
+        self.dir().join("run/workload.sock")
+    }
+
+    /// The Sentry endpoint socket.
+    pub fn sentry_socket(&self) -> std::path::PathBuf {
+        self.dir().join("run/sentry.sock")
+    }
+
+    /// The trust bundle vouchd keeps (PEM), once it exists.
+    pub fn bundle(&self) -> std::path::PathBuf {
+        let p = self.dir().join("vouchd/bundle.pem");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !p.exists() {
+            assert!(Instant::now() < deadline, "vouchd wrote no trust bundle");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        p
+    }
+
     /// swtpm, a policy pinning the stand-in, the swtpm CA as EK CA bundle,
     /// a verifier and an enrolled vouchd.
     pub fn new() -> Option<Self> {
+        Self::with_verifier_env(&[])
+    }
+
+    /// [`Env::new`] with extra verifier environment.
+    pub fn with_verifier_env(venv: &[(&str, &str)]) -> Option<Self> {
         if !require_tools(&["swtpm", "swtpm_setup", "ip", "sha256sum"]) {
             return None;
         }
@@ -153,13 +186,25 @@ impl Env {
                 dir.join("verifier/ca.pem").to_str().expect("test stack"),
             )
             .env("VOUCHD_NODE_NAME", "node-a")
-            .env("VOUCHD_HEARTBEAT_MS", "500");
+            .env("VOUCHD_HEARTBEAT_MS", "500")
+            .env(
+                "VOUCHD_WORKLOAD_SOCKET",
+                dir.join("run/workload.sock").to_str().expect("test stack"),
+            )
+            .env(
+                "VOUCHD_SENTRY_SOCKET",
+                dir.join("run/sentry.sock").to_str().expect("test stack"),
+            );
         let mut env = Self {
             sw,
             port,
             http_port: free_port(),
             verifier: None,
             vouchd,
+            verifier_env: venv
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
         };
         env.start_verifier();
         env.vouchd.start().expect("test stack");
@@ -169,12 +214,42 @@ impl Env {
 
     /// A stand-in daprd in `ns` (NAMESPACE=prod, API token, mTLS config).
     pub fn standin(&self, ns: &Netns, app: &str, extra: &[&str]) -> Owned {
-        let mut c = ns.command(workspace_bin("daprd").expect("test stack"));
+        self.standin_env(ns, app, extra, &[])
+    }
+
+    /// [`Env::standin`] with extra environment.
+    pub fn standin_env(
+        &self,
+        ns: &Netns,
+        app: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Owned {
+        self.standin_exe(
+            ns,
+            &workspace_bin("daprd").expect("test stack"),
+            app,
+            extra,
+            env,
+        )
+    }
+
+    /// [`Env::standin_env`] running the executable at `exe`.
+    pub fn standin_exe(
+        &self,
+        ns: &Netns,
+        exe: &std::path::Path,
+        app: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Owned {
+        let mut c = ns.command(exe);
         c.args(["--app-id", app, "--config"])
             .arg(self.dir().join("config.yaml"))
             .args(extra);
         c.env("NAMESPACE", "prod")
             .env("DAPR_API_TOKEN", "t")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         Owned::new("stand-in", c.spawn().expect("test stack"))

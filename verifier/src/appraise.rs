@@ -204,6 +204,8 @@ pub struct SidecarVerdict {
     pub verdict: Verdict,
     /// Every rule checked (held or not).
     pub reasons: Vec<Reason>,
+    /// The strongest response asked by an enforcing policy that failed.
+    pub response: crate::policy::Response,
 }
 
 /// The result of one appraisal.
@@ -411,6 +413,7 @@ fn is_loopback(a: &str) -> bool {
 pub fn judge(state: &NodeState, meas: &Measurement, policies: &[Policy]) -> SidecarVerdict {
     let mut reasons = Vec::new();
     let mut verdict = Verdict::Affirming;
+    let mut response = crate::policy::Response::None;
     let selected: Vec<&Policy> = policies
         .iter()
         .filter(|p| applies(p, meas, &state.labels))
@@ -607,6 +610,9 @@ pub fn judge(state: &NodeState, meas: &Measurement, policies: &[Policy]) -> Side
                 Mode::Enforce => Verdict::Contraindicated,
                 Mode::Audit => Verdict::Warning,
             };
+            if s.mode == Mode::Enforce {
+                response = response.max(s.response);
+            }
             verdict = verdict.max(v);
         }
     }
@@ -616,6 +622,7 @@ pub fn judge(state: &NodeState, meas: &Measurement, policies: &[Policy]) -> Side
         namespace: namespace_of(meas),
         verdict,
         reasons,
+        response,
     }
 }
 
@@ -671,6 +678,7 @@ pub fn appraise(
                             .into(),
                         ok: false,
                     }],
+                    response: crate::policy::Response::None,
                 })
                 .collect();
             Appraisal {

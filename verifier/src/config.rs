@@ -49,6 +49,14 @@ struct Raw {
     stale_after_ms: Option<u64>,
     tls_names: Option<Vec<String>>,
     log_format: Option<String>,
+    trust_domain: Option<String>,
+    sentry_trust_domain: Option<String>,
+    sentry_namespace: Option<String>,
+    svid_ttl_s: Option<u64>,
+    jwt_ttl_s: Option<u64>,
+    credential_fresh_ms: Option<u64>,
+    ca_ttl_s: Option<u64>,
+    webhooks: Option<Vec<String>>,
 }
 
 /// Validated configuration.
@@ -76,6 +84,48 @@ pub struct Config {
     pub tls_names: Vec<String>,
     /// JSON logs.
     pub log_json: bool,
+    /// Credential issuance (trust domain, Sentry ID, lifetimes, freshness).
+    pub creds: crate::service::CredSettings,
+    /// Lifetime of each SVID CA generation (rotated at half-life).
+    pub ca_ttl: Duration,
+    /// Webhook URLs (http://) that receive every verdict change.
+    pub webhooks: Vec<String>,
+}
+
+fn env_u64(var: &'static str, field: &'static str) -> Result<Option<u64>, ConfigError> {
+    match std::env::var(var) {
+        Err(_) => Ok(None),
+        Ok(v) => v.parse().map(Some).map_err(|_| ConfigError::Invalid {
+            field,
+            reason: format!("{var}={v:?} is not a number"),
+        }),
+    }
+}
+
+fn ranged(field: &'static str, v: u64, lo: u64, hi: u64) -> Result<u64, ConfigError> {
+    if (lo..=hi).contains(&v) {
+        Ok(v)
+    } else {
+        Err(ConfigError::Invalid {
+            field,
+            reason: format!("{v} outside {lo}..={hi}"),
+        })
+    }
+}
+
+fn name_part(field: &'static str, v: &str) -> Result<(), ConfigError> {
+    let ok = !v.is_empty()
+        && v.len() <= 253
+        && v.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid {
+            field,
+            reason: format!("{v:?}: lowercase letters, digits, '-', '.', '_' only"),
+        })
+    }
 }
 
 impl Config {
@@ -158,6 +208,66 @@ impl Config {
                 reason: format!("{ttl} outside 100..=600000"),
             });
         }
+        if let Ok(v) = std::env::var("VOUCH_VERIFIER_TRUST_DOMAIN") {
+            raw.trust_domain = Some(v);
+        }
+        if let Ok(v) = std::env::var("VOUCH_VERIFIER_WEBHOOKS") {
+            raw.webhooks = Some(
+                v.split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
+            );
+        }
+        if let Some(v) = env_u64("VOUCH_VERIFIER_SVID_TTL_S", "svid_ttl_s")? {
+            raw.svid_ttl_s = Some(v);
+        }
+        if let Some(v) = env_u64("VOUCH_VERIFIER_JWT_TTL_S", "jwt_ttl_s")? {
+            raw.jwt_ttl_s = Some(v);
+        }
+        if let Some(v) = env_u64("VOUCH_VERIFIER_CREDENTIAL_FRESH_MS", "credential_fresh_ms")? {
+            raw.credential_fresh_ms = Some(v);
+        }
+        if let Some(v) = env_u64("VOUCH_VERIFIER_CA_TTL_S", "ca_ttl_s")? {
+            raw.ca_ttl_s = Some(v);
+        }
+        let trust_domain = raw.trust_domain.unwrap_or_else(|| "cluster.local".into());
+        name_part("trust_domain", &trust_domain)?;
+        let sentry_td = raw
+            .sentry_trust_domain
+            .unwrap_or_else(|| "localhost".into());
+        name_part("sentry_trust_domain", &sentry_td)?;
+        let sentry_ns = raw.sentry_namespace.unwrap_or_else(|| "default".into());
+        name_part("sentry_namespace", &sentry_ns)?;
+        let svid_ttl = ranged("svid_ttl_s", raw.svid_ttl_s.unwrap_or(900), 2, 86_400)?;
+        let jwt_ttl = ranged("jwt_ttl_s", raw.jwt_ttl_s.unwrap_or(300), 2, 86_400)?;
+        let fresh = ranged(
+            "credential_fresh_ms",
+            raw.credential_fresh_ms.unwrap_or(30_000),
+            100,
+            3_600_000,
+        )?;
+        let ca_ttl = ranged(
+            "ca_ttl_s",
+            raw.ca_ttl_s.unwrap_or(30 * 86_400),
+            60,
+            10 * 365 * 86_400,
+        )?;
+        if ca_ttl < 2 * svid_ttl {
+            return Err(ConfigError::Invalid {
+                field: "ca_ttl_s",
+                reason: format!("{ca_ttl} s must be at least twice svid_ttl_s ({svid_ttl} s)"),
+            });
+        }
+        let webhooks = raw.webhooks.unwrap_or_default();
+        for w in &webhooks {
+            if crate::webhook::Target::parse(w).is_err() {
+                return Err(ConfigError::Invalid {
+                    field: "webhooks",
+                    reason: format!("{w:?} is not an http://host:port/path URL"),
+                });
+            }
+        }
         let log_json = match raw.log_format.as_deref() {
             None | Some("text") => false,
             Some("json") => true,
@@ -186,6 +296,15 @@ impl Config {
                 .tls_names
                 .unwrap_or_else(|| vec!["localhost".into(), "127.0.0.1".into()]),
             log_json,
+            creds: crate::service::CredSettings {
+                trust_domain,
+                sentry_id: format!("spiffe://{sentry_td}/ns/{sentry_ns}/dapr-sentry"),
+                svid_ttl: Duration::from_secs(svid_ttl),
+                jwt_ttl: Duration::from_secs(jwt_ttl),
+                fresh: Duration::from_millis(fresh),
+            },
+            ca_ttl: Duration::from_secs(ca_ttl),
+            webhooks,
         })
     }
 }

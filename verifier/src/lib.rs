@@ -5,6 +5,7 @@
 //! TPM structures are checked by vouch-proto in pure Rust.
 
 pub mod appraise;
+pub mod ca;
 pub mod config;
 pub mod ear;
 pub mod enroll;
@@ -14,3 +15,4 @@ pub mod service;
 pub mod simnode;
 pub mod store;
 pub mod tls;
+pub mod webhook;

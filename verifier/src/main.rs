@@ -123,14 +123,29 @@ fn serve(config: Option<PathBuf>) -> Result<()> {
     let policies = policy::load_dir(&cfg.policy_dir)?;
     tracing::info!(dir = %cfg.policy_dir.display(), policies = policies.len(), "policies loaded");
     let st = store::SqliteStore::open(&cfg.state_dir.join("state.db"))?;
+    let signer = std::sync::Arc::new(vouch_verifier::ear::EarSigner::load_or_create(
+        &cfg.state_dir.join("ear.key"),
+    )?);
+    let unix_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs() as i64;
+    let ca = vouch_verifier::ca::IssuingCa::load_or_create(
+        &cfg.state_dir.join("svid-ca"),
+        cfg.ca_ttl,
+        unix_now,
+    )?;
     let verifier = std::sync::Arc::new(service::Verifier::new(
         Box::new(st),
         service::Settings {
             trust,
             nonce_ttl: cfg.nonce_ttl,
+            creds: cfg.creds.clone(),
         },
         policies,
+        ca,
+        signer.clone(),
     )?);
+    tracing::info!(trust_domain = %cfg.creds.trust_domain, sentry_id = %cfg.creds.sentry_id, svid_ttl_s = cfg.creds.svid_ttl.as_secs(), "credential issuance");
     // Reload policies on change; a bad edit keeps the last good set.
     let v2 = verifier.clone();
     let dir = cfg.policy_dir.clone();
@@ -156,9 +171,6 @@ fn serve(config: Option<PathBuf>) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let signer = std::sync::Arc::new(vouch_verifier::ear::EarSigner::load_or_create(
-        &cfg.state_dir.join("ear.key"),
-    )?);
     let http_listener = {
         let _g = rt.enter();
         let std_l = std::net::TcpListener::bind(cfg.http_listen)
@@ -183,13 +195,37 @@ fn serve(config: Option<PathBuf>) -> Result<()> {
             }
         }
     });
+    if !cfg.webhooks.is_empty() {
+        let targets = cfg
+            .webhooks
+            .iter()
+            .map(|w| vouch_verifier::webhook::Target::parse(w))
+            .collect::<Result<Vec<_>, _>>()?;
+        let _g = rt.enter();
+        verifier.set_event_sink(vouch_verifier::webhook::start(targets));
+        tracing::info!(webhooks = ?cfg.webhooks, "verdict changes are posted to webhooks");
+    }
+    let v4 = verifier.clone();
+    rt.spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(30));
+        loop {
+            tick.tick().await;
+            if let Err(e) = v4.rotate_ca() {
+                tracing::error!(error = %e, "SVID CA rotation failed");
+            }
+        }
+    });
     rt.block_on(async move {
+        let creds = vouch_proto::api::credentials_server::CredentialsServer::new(
+            service::CredentialService(verifier.clone()),
+        );
         let svc = vouch_proto::api::attestation_server::AttestationServer::from_arc(verifier)
             .max_decoding_message_size(vouch_verifier::service::MAX_MESSAGE);
         tracing::info!(listen = %cfg.listen, ca = %cfg.state_dir.join("ca.pem").display(), "vouch-verifier serving");
         tonic::transport::Server::builder()
             .tls_config(tonic::transport::ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(cert, key)))?
             .add_service(svc)
+            .add_service(creds)
             .serve_with_shutdown(cfg.listen, async {
                 let _ = tokio::signal::ctrl_c().await;
             })

@@ -64,6 +64,31 @@ pub enum Mode {
     Audit,
 }
 
+/// What vouchd does to the process of a sidecar this policy contraindicates
+/// (besides withdrawing its credentials, which always happens).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Response {
+    /// Nothing more (the default).
+    #[default]
+    None,
+    /// SIGSTOP the process (an operator can inspect and SIGCONT it).
+    Stop,
+    /// SIGKILL the process.
+    Kill,
+}
+
+impl Response {
+    /// The wire name: "", "stop" or "kill".
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Response::None => "",
+            Response::Stop => "stop",
+            Response::Kill => "kill",
+        }
+    }
+}
+
 /// Policy metadata.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -171,6 +196,10 @@ pub struct Spec {
     /// Boot PCR reference values (index -> hex SHA-256).
     #[serde(default)]
     pub boot_pcrs: BTreeMap<u8, String>,
+    /// What to do to the process when this policy (in enforce mode)
+    /// contraindicates it: none (default), stop or kill.
+    #[serde(default)]
+    pub response: Response,
 }
 
 fn one() -> u32 {

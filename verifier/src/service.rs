@@ -8,20 +8,24 @@
 //! gRPC status codes.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
 use vouch_proto::api::attestation_server::Attestation;
 use vouch_proto::api::{
     BeginEnrollmentRequest, Challenge, ChallengeRequest, CompleteEnrollmentRequest,
     EnrollmentChallenge, EnrollmentResult, Evidence, EvidenceResult, LogState, SidecarStatus,
+    TrustUpdate,
 };
 use vouch_proto::name::ak_qualified_name;
 use vouch_proto::quote::{AkVerifier, PcrValue};
 use vouch_proto::tpm::Public;
 
 use crate::appraise::{appraise, check_nonce, IntegrityError, IssuedNonce, NodeState, Verdict};
+use crate::ca::IssuingCa;
+use crate::ear::EarSigner;
 use crate::enroll::{self, EkTrust, EnrollError};
 use crate::policy::Policy;
 use crate::store::{CommitOp, NodeRecord, Store, StoreError, StoredState};
@@ -55,6 +59,22 @@ pub enum ServiceError {
     /// Storage failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A credential call without the session of a freshly attested node.
+    #[error("node {0} has no valid session: push fresh evidence first")]
+    NoSession(String),
+    /// Credentials refused: the instance is not affirming and fresh.
+    #[error("no credentials for {instance} on node {node}: {why}")]
+    NotAffirmed {
+        /// Node name.
+        node: String,
+        /// Instance (pid@start_time).
+        instance: String,
+        /// Why.
+        why: String,
+    },
+    /// The issuing CA refused or failed.
+    #[error(transparent)]
+    Ca(#[from] crate::ca::CaError),
 }
 
 /// The one mapping from errors to gRPC status.
@@ -72,6 +92,12 @@ pub fn status_of(e: ServiceError) -> Status {
         ServiceError::Integrity(_) => Status::failed_precondition(msg),
         ServiceError::UnknownNode(_) | ServiceError::UnknownEnrollment(_) => Status::not_found(msg),
         ServiceError::Store(_) => Status::internal("verifier state unavailable"),
+        ServiceError::NoSession(_) => Status::unauthenticated(msg),
+        ServiceError::NotAffirmed { .. } => Status::permission_denied(msg),
+        ServiceError::Ca(crate::ca::CaError::BadCsr(_) | crate::ca::CaError::BadSpiffeId(_)) => {
+            Status::invalid_argument(msg)
+        }
+        ServiceError::Ca(_) => Status::internal("issuing CA unavailable"),
     }
 }
 
@@ -82,6 +108,37 @@ pub struct Settings {
     pub trust: EkTrust,
     /// Nonce lifetime.
     pub nonce_ttl: Duration,
+    /// Credential issuance.
+    pub creds: CredSettings,
+}
+
+/// How credentials are issued.
+#[derive(Debug, Clone)]
+pub struct CredSettings {
+    /// Trust domain of sidecar SPIFFE IDs.
+    pub trust_domain: String,
+    /// SPIFFE ID of (vouchd's stand-in for) Dapr Sentry: the audience of
+    /// Sentry tokens and the identity of vouchd's Sentry endpoint.
+    pub sentry_id: String,
+    /// X.509 SVID lifetime.
+    pub svid_ttl: Duration,
+    /// JWT-SVID and Sentry-token lifetime.
+    pub jwt_ttl: Duration,
+    /// A verdict older than this (since the node's last accepted evidence)
+    /// no longer earns credentials.
+    pub fresh: Duration,
+}
+
+impl Default for CredSettings {
+    fn default() -> Self {
+        Self {
+            trust_domain: "cluster.local".into(),
+            sentry_id: "spiffe://localhost/ns/default/dapr-sentry".into(),
+            svid_ttl: Duration::from_secs(900),
+            jwt_ttl: Duration::from_secs(300),
+            fresh: Duration::from_secs(30),
+        }
+    }
 }
 
 struct Pending {
@@ -100,6 +157,10 @@ struct Node {
     stale: bool,
     /// The latest verdicts (what the operator API and EARs serve).
     verdicts: Vec<crate::appraise::SidecarVerdict>,
+    /// The last evidence held integrity.
+    integrity_ok: bool,
+    /// Credential session (handed out with accepted evidence).
+    session: Option<[u8; 32]>,
 }
 
 enum WriteOp {
@@ -210,12 +271,20 @@ struct Inner {
     nodes: HashMap<String, Node>,
     pending: HashMap<String, Pending>,
     policies: Vec<Policy>,
+    /// Open Watch streams, by node id.
+    watchers: HashMap<String, tokio::sync::watch::Sender<Arc<TrustUpdate>>>,
 }
+
+/// A verdict change, as webhooks receive it.
+pub type VerdictEvent = serde_json::Value;
 
 /// The service.
 pub struct Verifier {
     inner: Mutex<Inner>,
     settings: Settings,
+    ca: RwLock<IssuingCa>,
+    signer: Arc<EarSigner>,
+    events: Mutex<Option<tokio::sync::mpsc::UnboundedSender<VerdictEvent>>>,
 }
 
 fn now_ms() -> u64 {
@@ -268,6 +337,8 @@ impl Verifier {
         store: Box<dyn Store>,
         settings: Settings,
         policies: Vec<Policy>,
+        ca: IssuingCa,
+        signer: Arc<EarSigner>,
     ) -> Result<Self, ServiceError> {
         let mut nodes = HashMap::new();
         for (record, stored) in store.load()? {
@@ -282,6 +353,8 @@ impl Verifier {
                     last_ok_ms: now_ms(),
                     stale: false,
                     verdicts: Vec::new(),
+                    integrity_ok: true,
+                    session: None,
                 },
             );
         }
@@ -292,8 +365,12 @@ impl Verifier {
                 nodes,
                 pending: HashMap::new(),
                 policies,
+                watchers: HashMap::new(),
             }),
             settings,
+            ca: RwLock::new(ca),
+            signer,
+            events: Mutex::new(None),
         })
     }
 
@@ -333,6 +410,7 @@ impl Verifier {
                         expected: "evidence at least every stale_after_ms".into(),
                         ok: false,
                     }],
+                    response: crate::policy::Response::None,
                 })
                 .collect();
             let audit = serde_json::json!({"event": "stale", "last_ok_ms": n.last_ok_ms, "limit_ms": limit_ms});
@@ -347,9 +425,13 @@ impl Verifier {
                 false,
             );
             tracing::warn!(node = %n.record.name, silent_ms = now - n.last_ok_ms, "node stopped reporting: its sidecars are contraindicated");
+            self.emit_changes(&n.record, &n.verdicts, &verdicts, now);
             n.verdicts = verdicts;
             n.stale = true;
             n_stale += 1;
+            if let Some(tx) = g.watchers.get(&n.record.node_id) {
+                tx.send_replace(Arc::new(self.update_of(n)));
+            }
         }
         Ok(n_stale)
     }
@@ -470,6 +552,8 @@ impl Verifier {
                 last_ok_ms: now_ms(),
                 stale: false,
                 verdicts: Vec::new(),
+                integrity_ok: true,
+                session: None,
             },
         );
         Ok((EnrollmentResult { node_id: id }, ack))
@@ -585,11 +669,19 @@ impl Verifier {
         for v in &a.verdicts {
             tracing::info!(node = %n.record.name, instance = %v.id, app_id = ?v.app_id, verdict = v.verdict.as_str(), "sidecar verdict");
         }
+        self.emit_changes(&n.record, &n.verdicts, &a.verdicts, now_ms());
         n.verdicts = a.verdicts.clone();
+        n.integrity_ok = accepted;
         if accepted {
             n.state = a.state;
             n.last_ok_ms = now_ms();
             n.stale = false;
+            if n.session.is_none() {
+                n.session = Some(random32()?);
+            }
+        } else {
+            // Integrity failed: the node must attest afresh for credentials.
+            n.session = None;
         }
         if let Err(e) = a.integrity {
             // The contraindicated verdicts are committed (not awaited here:
@@ -601,13 +693,9 @@ impl Verifier {
             sidecars: a
                 .verdicts
                 .iter()
-                .map(|v| SidecarStatus {
-                    pid: v.id.pid,
-                    start_time: v.id.start_time,
-                    app_id: v.app_id.clone().unwrap_or_default(),
-                    verdict: v.verdict.as_str().into(),
-                })
+                .map(|v| self.status_of_verdict(v))
                 .collect(),
+            session: n.session.map(|s| s.to_vec()).unwrap_or_default(),
         };
         Ok((result, ack))
     }
@@ -653,9 +741,332 @@ impl Attestation for Verifier {
         let node = r.get_ref().node_id.clone();
         let (res, ack) = self.push(r.into_inner()).map_err(|e| {
             tracing::warn!(node_id = %node, error = %e, "evidence refused");
+            // Refused evidence contraindicates the node's sidecars: tell
+            // its vouchd at once (withdrawing needs no durability first).
+            self.notify(&node);
             status_of(e)
         })?;
         durable(ack).await?;
+        // Durable before anything acts on it.
+        self.notify(&node);
         Ok(Response::new(res))
+    }
+}
+
+fn same_secret(a: &[u8], b: &[u8; 32]) -> bool {
+    a.len() == 32 && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// What a credential call is for.
+enum Subject {
+    /// A sidecar instance: (pid, start_time).
+    Instance(u32, u64),
+    /// The node itself (its Sentry endpoint).
+    Node,
+}
+
+impl Verifier {
+    /// Sends every verdict change to the webhook queue from now on.
+    pub fn set_event_sink(&self, tx: tokio::sync::mpsc::UnboundedSender<VerdictEvent>) {
+        if let Ok(mut g) = self.events.lock() {
+            *g = Some(tx);
+        }
+    }
+
+    /// The SPIFFE ID of a sidecar with `app_id` in `namespace`.
+    pub fn spiffe_id(&self, namespace: &str, app_id: &str) -> String {
+        format!(
+            "spiffe://{}/ns/{namespace}/{app_id}",
+            self.settings.creds.trust_domain
+        )
+    }
+
+    fn status_of_verdict(&self, v: &crate::appraise::SidecarVerdict) -> SidecarStatus {
+        SidecarStatus {
+            pid: v.id.pid,
+            start_time: v.id.start_time,
+            app_id: v.app_id.clone().unwrap_or_default(),
+            verdict: v.verdict.as_str().into(),
+            namespace: v.namespace.clone(),
+            spiffe_id: v
+                .app_id
+                .as_deref()
+                .map(|a| self.spiffe_id(&v.namespace, a))
+                .unwrap_or_default(),
+            response: v.response.as_str().into(),
+        }
+    }
+
+    fn emit_changes(
+        &self,
+        node: &NodeRecord,
+        old: &[crate::appraise::SidecarVerdict],
+        new: &[crate::appraise::SidecarVerdict],
+        now: u64,
+    ) {
+        let Ok(g) = self.events.lock() else { return };
+        for v in new {
+            let before = old.iter().find(|o| o.id == v.id).map(|o| o.verdict);
+            if before == Some(v.verdict) {
+                continue;
+            }
+            tracing::info!(node = %node.name, instance = %v.id, app_id = ?v.app_id, from = before.map(|b| b.as_str()), to = v.verdict.as_str(), "verdict changed");
+            if let Some(tx) = g.as_ref() {
+                let failed: Vec<_> = v.reasons.iter().filter(|r| !r.ok).collect();
+                let _ = tx.send(serde_json::json!({
+                    "type": "vouch.verdict.changed",
+                    "at_ms": now,
+                    "node": node.name,
+                    "node_id": node.node_id,
+                    "instance": v.id.to_string(),
+                    "app_id": v.app_id,
+                    "namespace": v.namespace,
+                    "spiffe_id": v.app_id.as_deref().map(|a| self.spiffe_id(&v.namespace, a)),
+                    "from": before.map(|b| b.as_str()),
+                    "to": v.verdict.as_str(),
+                    "reasons": failed,
+                }));
+            }
+        }
+    }
+
+    fn update_of(&self, n: &Node) -> TrustUpdate {
+        TrustUpdate {
+            sidecars: n
+                .verdicts
+                .iter()
+                .map(|v| self.status_of_verdict(v))
+                .collect(),
+            bundle: self.bundle_der(),
+            jwks: self.signer.jwks().to_string(),
+            trust_domain: self.settings.creds.trust_domain.clone(),
+        }
+    }
+
+    fn bundle_der(&self) -> Vec<Vec<u8>> {
+        self.ca.read().map(|c| c.bundle_der()).unwrap_or_default()
+    }
+
+    /// The trust bundle, PEM, newest first.
+    pub fn bundle_pem(&self) -> Vec<String> {
+        self.ca.read().map(|c| c.bundle_pem()).unwrap_or_default()
+    }
+
+    /// Sends `node`'s current verdicts to its Watch streams.
+    pub fn notify(&self, node_id: &str) {
+        let Ok(g) = self.inner.lock() else { return };
+        if let (Some(tx), Some(n)) = (g.watchers.get(node_id), g.nodes.get(node_id)) {
+            tx.send_replace(Arc::new(self.update_of(n)));
+        }
+    }
+
+    /// Rotates the issuing CA when due; on a change every node hears of the
+    /// new bundle.
+    pub fn rotate_ca(&self) -> Result<bool, ServiceError> {
+        let now = (now_ms() / 1000) as i64;
+        let changed = self
+            .ca
+            .write()
+            .map_err(|_| ServiceError::Invalid("CA lock poisoned".into()))?
+            .rotate_if_due(now)?;
+        if changed {
+            let g = self.lock()?;
+            for (id, tx) in &g.watchers {
+                if let Some(n) = g.nodes.get(id) {
+                    tx.send_replace(Arc::new(self.update_of(n)));
+                }
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Checks the node's session and what it asks credentials for; returns
+    /// (SPIFFE ID, node name) taken from the verifier's own state.
+    fn authorize(
+        &self,
+        auth: Option<&vouch_proto::api::NodeAuth>,
+        subject: Subject,
+    ) -> Result<(String, String), ServiceError> {
+        let auth = auth.ok_or_else(|| ServiceError::Invalid("auth missing".into()))?;
+        let g = self.lock()?;
+        let n = g
+            .nodes
+            .get(&auth.node_id)
+            .ok_or_else(|| ServiceError::UnknownNode(auth.node_id.clone()))?;
+        match n.session.as_ref() {
+            Some(s) if same_secret(&auth.session, s) => {}
+            _ => return Err(ServiceError::NoSession(n.record.name.clone())),
+        }
+        let refuse = |instance: String, why: String| ServiceError::NotAffirmed {
+            node: n.record.name.clone(),
+            instance,
+            why,
+        };
+        let age = now_ms().saturating_sub(n.last_ok_ms);
+        let fresh = self.settings.creds.fresh.as_millis() as u64;
+        let what = match subject {
+            Subject::Instance(pid, st) => format!("{pid}@{st}"),
+            Subject::Node => "the node".into(),
+        };
+        if n.stale || !n.integrity_ok {
+            return Err(refuse(what, "the node's evidence failed or stopped".into()));
+        }
+        if age > fresh {
+            return Err(refuse(
+                what,
+                format!("last accepted evidence {age} ms ago (fresh window {fresh} ms)"),
+            ));
+        }
+        match subject {
+            Subject::Instance(pid, st) => {
+                let v = n
+                    .verdicts
+                    .iter()
+                    .find(|v| v.id.pid == pid && v.id.start_time == st)
+                    .ok_or_else(|| refuse(what.clone(), "not a measured daprd instance".into()))?;
+                if v.verdict != Verdict::Affirming {
+                    return Err(refuse(what, format!("verdict is {}", v.verdict.as_str())));
+                }
+                let app = v
+                    .app_id
+                    .as_deref()
+                    .filter(|a| !a.is_empty())
+                    .ok_or_else(|| refuse(what.clone(), "no measured --app-id".into()))?;
+                Ok((self.spiffe_id(&v.namespace, app), n.record.name.clone()))
+            }
+            Subject::Node => Ok((self.settings.creds.sentry_id.clone(), n.record.name.clone())),
+        }
+    }
+
+    /// Signs an X.509 SVID (or the node's Sentry certificate).
+    pub fn sign_x509(
+        &self,
+        r: &vouch_proto::api::X509Request,
+    ) -> Result<vouch_proto::api::X509Response, ServiceError> {
+        let subject = if r.sentry_server {
+            Subject::Node
+        } else {
+            Subject::Instance(r.pid, r.start_time)
+        };
+        let (id, node) = self.authorize(r.auth.as_ref(), subject)?;
+        let now = (now_ms() / 1000) as i64;
+        // The Sentry endpoint also answers to "localhost" for TLS clients
+        // that check a DNS name (daprd checks the SPIFFE ID).
+        let sentry_dns = ["localhost".to_string()];
+        let dns: &[String] = if r.sentry_server { &sentry_dns } else { &[] };
+        let ca = self
+            .ca
+            .read()
+            .map_err(|_| ServiceError::Invalid("CA lock poisoned".into()))?;
+        let out = ca.issue(&r.csr, &id, dns, self.settings.creds.svid_ttl, now)?;
+        tracing::debug!(node = %node, spiffe_id = %id, not_after = out.not_after, "X.509 SVID issued");
+        Ok(vouch_proto::api::X509Response {
+            spiffe_id: id,
+            certificate: out.leaf_der,
+            bundle: ca.bundle_der(),
+            expires_at: out.not_after as u64,
+        })
+    }
+
+    /// Mints a JWT-SVID or a Sentry token (EdDSA, the published JWKS key).
+    pub fn mint_jwt(
+        &self,
+        r: &vouch_proto::api::JwtRequest,
+    ) -> Result<vouch_proto::api::JwtResponse, ServiceError> {
+        let (id, node) = self.authorize(r.auth.as_ref(), Subject::Instance(r.pid, r.start_time))?;
+        let aud: Vec<String> = if r.sentry_token {
+            vec![self.settings.creds.sentry_id.clone()]
+        } else {
+            r.audience.clone()
+        };
+        if aud.is_empty() || aud.len() > 16 || aud.iter().any(|a| a.is_empty() || a.len() > 512) {
+            return Err(ServiceError::Invalid(
+                "audience: 1-16 non-empty values of at most 512 bytes".into(),
+            ));
+        }
+        let now = (now_ms() / 1000) as i64;
+        let exp = now + self.settings.creds.jwt_ttl.as_secs() as i64;
+        let token = self.signer.sign_claims(&serde_json::json!({
+            "sub": id, "aud": aud, "iat": now, "nbf": now - 30, "exp": exp,
+            "iss": "vouch-verifier",
+        }));
+        tracing::debug!(node = %node, spiffe_id = %id, sentry = r.sentry_token, "JWT issued");
+        Ok(vouch_proto::api::JwtResponse {
+            spiffe_id: id,
+            token,
+            expires_at: exp as u64,
+        })
+    }
+
+    /// Opens a Watch stream for a node (its session checked).
+    pub fn watch(
+        &self,
+        auth: Option<&vouch_proto::api::NodeAuth>,
+    ) -> Result<tokio::sync::watch::Receiver<Arc<TrustUpdate>>, ServiceError> {
+        let auth = auth.ok_or_else(|| ServiceError::Invalid("auth missing".into()))?;
+        let mut g = self.lock()?;
+        let g = &mut *g;
+        let n = g
+            .nodes
+            .get(&auth.node_id)
+            .ok_or_else(|| ServiceError::UnknownNode(auth.node_id.clone()))?;
+        match n.session.as_ref() {
+            Some(s) if same_secret(&auth.session, s) => {}
+            _ => return Err(ServiceError::NoSession(n.record.name.clone())),
+        }
+        let update = Arc::new(self.update_of(n));
+        let tx = g
+            .watchers
+            .entry(auth.node_id.clone())
+            .or_insert_with(|| tokio::sync::watch::channel(update.clone()).0);
+        tx.send_replace(update);
+        Ok(tx.subscribe())
+    }
+}
+
+/// The `vouch.v1.Credentials` service over the same verifier state.
+#[derive(Clone)]
+pub struct CredentialService(pub Arc<Verifier>);
+
+type WatchStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<TrustUpdate, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl vouch_proto::api::credentials_server::Credentials for CredentialService {
+    async fn sign_x509(
+        &self,
+        r: Request<vouch_proto::api::X509Request>,
+    ) -> Result<Response<vouch_proto::api::X509Response>, Status> {
+        self.0
+            .sign_x509(r.get_ref())
+            .map(Response::new)
+            .map_err(|e| {
+                tracing::warn!(error = %e, "X.509 SVID refused");
+                status_of(e)
+            })
+    }
+
+    async fn mint_jwt(
+        &self,
+        r: Request<vouch_proto::api::JwtRequest>,
+    ) -> Result<Response<vouch_proto::api::JwtResponse>, Status> {
+        self.0
+            .mint_jwt(r.get_ref())
+            .map(Response::new)
+            .map_err(|e| {
+                tracing::warn!(error = %e, "JWT refused");
+                status_of(e)
+            })
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        r: Request<vouch_proto::api::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let rx = self.0.watch(r.get_ref().auth.as_ref()).map_err(status_of)?;
+        let s = tokio_stream::wrappers::WatchStream::new(rx).map(|u| Ok((*u).clone()));
+        Ok(Response::new(Box::pin(s)))
     }
 }
