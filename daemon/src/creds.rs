@@ -102,7 +102,18 @@ pub struct Peer {
     /// gid (SO_PEERCRED).
     pub gid: u32,
     /// SO_PEERPIDFD: the connecting process itself.
-    pub pidfd: Option<OwnedFd>,
+    pub pidfd: PeerPidfd,
+}
+
+/// What the kernel says about the connecting process.
+#[derive(Debug)]
+pub enum PeerPidfd {
+    /// A pidfd naming the exact process that connected.
+    Fd(OwnedFd),
+    /// That process has already exited (ESRCH): never trust its pid.
+    Gone,
+    /// The kernel has no SO_PEERPIDFD (before Linux 6.5).
+    Unsupported,
 }
 
 impl Peer {
@@ -117,7 +128,11 @@ impl Peer {
             pid,
             uid: c.uid(),
             gid: c.gid(),
-            pidfd: sys::peer_pidfd(s).ok(),
+            pidfd: match sys::peer_pidfd(s) {
+                Ok(fd) => PeerPidfd::Fd(fd),
+                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => PeerPidfd::Gone,
+                Err(_) => PeerPidfd::Unsupported,
+            },
         })
     }
 }
@@ -461,10 +476,10 @@ impl Creds {
             .get(&pid)
             .map(|i| i.id)
             .ok_or(CredError::NotMeasured { pid })?;
-        if let Some(fd) = &peer.pidfd {
-            if sys::pidfd_pid(fd) != Some(pid) {
-                return Err(CredError::CallerGone { pid });
-            }
+        match &peer.pidfd {
+            PeerPidfd::Fd(fd) if sys::pidfd_pid(fd) == Some(pid) => {}
+            PeerPidfd::Fd(_) | PeerPidfd::Gone => return Err(CredError::CallerGone { pid }),
+            PeerPidfd::Unsupported => {}
         }
         let st = procfs::stat(pid).map_err(|_| CredError::CallerGone { pid })?;
         if st.start_time != id.start_time {

@@ -37,6 +37,23 @@ impl Owned {
         }
     }
 
+    /// Waits up to `limit` for the child to exit on its own and returns its
+    /// stdout (piped at spawn); kills it if it does not.
+    pub fn wait_output(&mut self, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        while !self.exited() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let Some(mut child) = self.child.take() else {
+            return String::new();
+        };
+        let _ = child.kill();
+        child
+            .wait_with_output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    }
+
     /// Stops the child now: SIGTERM, up to 2 s grace, then SIGKILL.
     pub fn stop(&mut self) {
         let Some(mut child) = self.child.take() else {

@@ -199,3 +199,382 @@ fn sentry_endpoint_issues_the_measured_identity_and_refuses_impostors() {
     assert_eq!(denied["code"], "PermissionDenied", "{denied}");
     assert!(report(&rep3).iter().all(|v| v["event"] != "sentry_issued"));
 }
+
+/// Writes the latest X.509 SVID from a stand-in's Workload API report as
+/// (cert, key, bundle) files.
+fn svid_files(dir: &Path, name: &str, v: &serde_json::Value) -> (PathBuf, PathBuf, PathBuf) {
+    let f = |ext: &str, key: &str| {
+        let p = dir.join(format!("{name}.{ext}"));
+        std::fs::write(&p, v[key].as_str().unwrap()).unwrap();
+        p
+    };
+    (
+        f("crt", "cert_pem"),
+        f("key", "key_pem"),
+        f("bundle", "bundle_pem"),
+    )
+}
+
+const PY_MTLS: &str = r#"
+import ssl, socket, sys, json
+role, crt, key, bundle, portfile = sys.argv[1:6]
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if role == 'server' else ssl.PROTOCOL_TLS_CLIENT)
+ctx.load_cert_chain(crt, key)
+ctx.load_verify_locations(bundle)
+ctx.verify_mode = ssl.CERT_REQUIRED
+ctx.check_hostname = False  # SPIFFE: the identity is the URI SAN
+def uris(c):
+    return [v for (k, v) in c.get('subjectAltName', ()) if k == 'URI']
+if role == 'server':
+    s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(1)
+    open(portfile + '.tmp', 'w').write(str(s.getsockname()[1]))
+    import os; os.rename(portfile + '.tmp', portfile)
+    c, _ = s.accept()
+    t = ctx.wrap_socket(c, server_side=True)
+    print(json.dumps({'peer': uris(t.getpeercert()), 'version': t.version()}))
+    t.sendall(b'ok'); t.close()
+else:
+    import time
+    for _ in range(500):
+        try: port = int(open(portfile).read()); break
+        except Exception: time.sleep(0.01)
+    t = ctx.wrap_socket(socket.create_connection(('127.0.0.1', port)))
+    print(json.dumps({'peer': uris(t.getpeercert()), 'version': t.version(), 'data': t.recv(2).decode()}))
+"#;
+
+#[test]
+fn workload_api_svids_do_mtls_with_python_and_sentry_tokens_verify_with_pyjwt() {
+    let Some(env) = Env::new() else { return };
+    if !vouch_tests::require_tools(&["openssl", "python3"]) {
+        return;
+    }
+    let dir = env.dir();
+    let wl = env.workload_socket();
+    let tokens = dir.join("tokens");
+    std::fs::create_dir_all(&tokens).unwrap();
+    let mut reports = Vec::new();
+    let mut procs = Vec::new();
+    let mut nss = Vec::new();
+    for app in ["orders", "billing"] {
+        let ns = Netns::new().unwrap();
+        let rep = dir.join(format!("{app}.jsonl"));
+        let token = tokens.join(format!("{app}.jwt"));
+        procs.push(env.standin_env(
+            &ns,
+            app,
+            &[],
+            &[
+                ("STANDIN_WORKLOAD_SOCKET", wl.to_str().unwrap()),
+                ("STANDIN_RETRY_MS", "200"),
+                ("STANDIN_REPORT", rep.to_str().unwrap()),
+                ("DAPR_SENTRY_TOKEN_FILE", token.to_str().unwrap()),
+            ],
+        ));
+        reports.push(rep);
+        nss.push(ns);
+    }
+    let mut files = Vec::new();
+    for (app, rep) in ["orders", "billing"].iter().zip(&reports) {
+        let v = wait_event(rep, "x509", 0, 20);
+        assert_eq!(v["spiffe_id"], format!("spiffe://cluster.local/ns/prod/{app}"));
+        let (crt, key, bundle) = svid_files(&dir, app, &v);
+        assert_eq!(
+            uri_sans(&dir, v["cert_pem"].as_str().unwrap()),
+            vec![format!("spiffe://cluster.local/ns/prod/{app}")]
+        );
+        openssl_verify(&dir, v["cert_pem"].as_str().unwrap(), &bundle);
+        files.push((crt, key, bundle));
+    }
+
+    // Python's ssl: mTLS between two processes with the two SVIDs.
+    let portfile = dir.join("py-port");
+    let arg = |p: &PathBuf| p.to_str().unwrap().to_owned();
+    let server = Command::new("python3")
+        .args(["-c", PY_MTLS, "server"])
+        .args([arg(&files[0].0), arg(&files[0].1), arg(&files[0].2), arg(&portfile)])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut server = vouch_tests::proc::Owned::new("python tls server", server);
+    let client = Command::new("python3")
+        .args(["-c", PY_MTLS, "client"])
+        .args([arg(&files[1].0), arg(&files[1].1), arg(&files[1].2), arg(&portfile)])
+        .output()
+        .unwrap();
+    assert!(
+        client.status.success(),
+        "python client: {}",
+        String::from_utf8_lossy(&client.stderr)
+    );
+    let c: serde_json::Value = serde_json::from_slice(&client.stdout).unwrap();
+    assert_eq!(c["peer"][0], "spiffe://cluster.local/ns/prod/orders", "{c}");
+    assert_eq!(c["data"], "ok");
+    let out = server.wait_output(Duration::from_secs(10));
+    let s: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(s["peer"][0], "spiffe://cluster.local/ns/prod/billing", "{s}");
+
+    // The Sentry tokens vouchd wrote verify with PyJWT against the JWKS.
+    for app in ["orders", "billing"] {
+        let token = tokens.join(format!("{app}.jwt"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !token.exists() {
+            assert!(Instant::now() < deadline, "no token file for {app}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let script = format!(
+            "import json, urllib.request, jwt\njwks=json.load(urllib.request.urlopen('http://127.0.0.1:{}/.well-known/jwks.json'))\ntok=open('{}').read()\nkey=jwt.PyJWKSet.from_dict(jwks)[jwt.get_unverified_header(tok)['kid']]\nc=jwt.decode(tok, key.key, algorithms=['EdDSA'], audience='{SENTRY_ID}')\nprint(json.dumps(c))\n",
+            env.http_port,
+            token.display()
+        );
+        let out = run_ok(Command::new("python3").args(["-c", &script])).unwrap();
+        let claims: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(claims["sub"], format!("spiffe://cluster.local/ns/prod/{app}"));
+        assert_eq!(claims["aud"][0], SENTRY_ID);
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(std::fs::metadata(&token).unwrap().mode() & 0o777, 0o600);
+    }
+}
+
+/// A test HTTP receiver: records every POST body with its arrival time.
+struct Hooks {
+    port: u16,
+    got: std::sync::Arc<std::sync::Mutex<Vec<(Instant, serde_json::Value)>>>,
+}
+
+impl Hooks {
+    fn start() -> Self {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let g = got.clone();
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(mut c) = c else { continue };
+                let mut r = BufReader::new(c.try_clone().unwrap());
+                let mut len = 0usize;
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 {
+                        break;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap_or(0);
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                }
+                let mut body = vec![0; len];
+                if r.read_exact(&mut body).is_ok() {
+                    if let Ok(v) = serde_json::from_slice(&body) {
+                        g.lock().unwrap().push((Instant::now(), v));
+                    }
+                }
+                let _ = c.write_all(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n");
+            }
+        });
+        Self { port, got }
+    }
+}
+
+#[test]
+fn tampering_withdraws_everything_within_a_second() {
+    let hooks = Hooks::start();
+    let url = format!("http://127.0.0.1:{}/hook", hooks.port);
+    let Some(env) = Env::with_verifier_env(&[("VOUCH_VERIFIER_WEBHOOKS", &url)]) else {
+        return;
+    };
+    let dir = env.dir();
+    let rep = dir.join("orders.jsonl");
+    let token = dir.join("orders.jwt");
+    let ns = Netns::new().unwrap();
+    let good = env.standin_env(
+        &ns,
+        "orders",
+        &[],
+        &[
+            ("STANDIN_WORKLOAD_SOCKET", env.workload_socket().to_str().unwrap()),
+            ("STANDIN_RETRY_MS", "100"),
+            ("STANDIN_REPORT", rep.to_str().unwrap()),
+            ("DAPR_SENTRY_TOKEN_FILE", token.to_str().unwrap()),
+        ],
+    );
+    wait_verdict(&env.db(), good.pid(), "affirming");
+    wait_event(&rep, "x509", 0, 15);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !token.exists() {
+        assert!(Instant::now() < deadline, "no token file");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let instance_prefix = format!("{}@", good.pid());
+    let affirmed_hook = |v: &serde_json::Value| {
+        v["instance"].as_str().unwrap_or("").starts_with(&instance_prefix)
+    };
+    // The webhook saw it become affirming.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !hooks
+        .got
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|(_, v)| affirmed_hook(v) && v["to"] == "affirming")
+    {
+        assert!(Instant::now() < deadline, "no affirming webhook");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let seen = report(&rep).len();
+
+    // Tamper: its Configuration turns mTLS off.
+    let t0 = Instant::now();
+    std::fs::write(
+        dir.join("config.yaml"),
+        "apiVersion: dapr.io/v1alpha1\nkind: Configuration\nmetadata:\n  name: c\nspec:\n  mtls:\n    enabled: false\n",
+    )
+    .unwrap();
+    let limit = t0 + Duration::from_secs(1);
+    let (mut gone, mut ended, mut refused, mut hooked) = (None, None, None, None);
+    while Instant::now() < limit + Duration::from_secs(2) {
+        let now = Instant::now();
+        if gone.is_none() && !token.exists() {
+            gone = Some(now);
+        }
+        let ends: Vec<_> = report(&rep)
+            .into_iter()
+            .skip(seen)
+            .filter(|v| v["event"] == "stream_end")
+            .collect();
+        if ended.is_none() && !ends.is_empty() {
+            assert_eq!(ends[0]["code"], "PermissionDenied", "{:?}", ends[0]);
+            ended = Some(now);
+        }
+        // A renewal attempt after the end is refused too.
+        if refused.is_none() && ends.len() >= 2 {
+            assert_eq!(ends[1]["code"], "PermissionDenied", "{:?}", ends[1]);
+            refused = Some(now);
+        }
+        if hooked.is_none() {
+            hooked = hooks
+                .got
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|(_, v)| affirmed_hook(v) && v["to"] == "contraindicated")
+                .map(|(t, _)| *t);
+        }
+        if gone.is_some() && ended.is_some() && refused.is_some() && hooked.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for (what, at) in [
+        ("token file removed", gone),
+        ("stream ended", ended),
+        ("renewal refused", refused),
+        ("webhook received", hooked),
+    ] {
+        let at = at.unwrap_or_else(|| panic!("{what}: never (report {:?})", report(&rep)));
+        assert!(at <= limit, "{what} after {:?}", at - t0);
+        eprintln!("{what} after {:?}", at - t0);
+    }
+    let hook = hooks
+        .got
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(_, v)| affirmed_hook(v) && v["to"] == "contraindicated")
+        .map(|(_, v)| v.clone())
+        .unwrap();
+    assert_eq!(hook["from"], "affirming");
+    assert_eq!(hook["spiffe_id"], "spiffe://cluster.local/ns/prod/orders");
+    assert!(
+        hook["reasons"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["rule"] == "posture.mtls"),
+        "{hook}"
+    );
+}
+
+/// Spawns `cmd` until the kernel gives it `pid` (forced through
+/// /proc/sys/kernel/ns_last_pid); None if that is not possible here.
+fn spawn_at_pid(
+    pid: u32,
+    mut make: impl FnMut() -> vouch_tests::proc::Owned,
+) -> Option<vouch_tests::proc::Owned> {
+    for _ in 0..200 {
+        if std::fs::write("/proc/sys/kernel/ns_last_pid", format!("{}", pid - 1)).is_err() {
+            return None;
+        }
+        let p = make();
+        if p.pid() == pid {
+            return Some(p);
+        }
+        drop(p);
+    }
+    None
+}
+
+#[test]
+fn a_reused_pid_never_receives_the_callers_credentials() {
+    let Some(env) = Env::new() else { return };
+    let dir = env.dir();
+    let wl = env.workload_socket();
+    let (go, out) = (dir.join("go"), dir.join("out.json"));
+    // The caller connects, hands its connection to a child and exits: the
+    // connection's peer pid is now free.
+    let mut caller = vouch_tests::proc::Owned::new(
+        "handoff caller",
+        Command::new(workspace_bin("vouch-client").unwrap())
+            .arg("handoff")
+            .args([&wl, &go, &out])
+            .spawn()
+            .unwrap(),
+    );
+    let pid = caller.pid();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !caller.exited() {
+        assert!(Instant::now() < deadline, "caller did not exit");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Force the race: an affirmed daprd takes exactly that pid.
+    let ns = Netns::new().unwrap();
+    let rep = dir.join("reuser.jsonl");
+    let reuser = spawn_at_pid(pid, || {
+        env.standin_env(
+            &ns,
+            "orders",
+            &[],
+            &[
+                ("STANDIN_WORKLOAD_SOCKET", wl.to_str().unwrap()),
+                ("STANDIN_RETRY_MS", "200"),
+                ("STANDIN_REPORT", rep.to_str().unwrap()),
+            ],
+        )
+    });
+    let Some(reuser) = reuser else {
+        assert!(
+            std::env::var("CI").is_err(),
+            "cannot force pid reuse (needs root for /proc/sys/kernel/ns_last_pid)"
+        );
+        eprintln!("SKIP: cannot force pid reuse here");
+        return;
+    };
+    wait_verdict(&env.db(), reuser.pid(), "affirming");
+    // The daprd now at that pid is entitled (it gets its own SVID) ...
+    let own = wait_event(&rep, "x509", 0, 15);
+    assert_eq!(own["spiffe_id"], "spiffe://cluster.local/ns/prod/orders");
+    // ... but the connection opened by the exited caller gets nothing.
+    std::fs::write(&go, "").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !out.exists() {
+        assert!(Instant::now() < deadline, "the inheriting child reported nothing");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(v["code"], "PermissionDenied", "{v}");
+    assert!(v["message"].as_str().unwrap().contains("exited"), "{v}");
+}
