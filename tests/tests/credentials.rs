@@ -276,7 +276,10 @@ fn workload_api_svids_do_mtls_with_python_and_sentry_tokens_verify_with_pyjwt() 
     let mut files = Vec::new();
     for (app, rep) in ["orders", "billing"].iter().zip(&reports) {
         let v = wait_event(rep, "x509", 0, 20);
-        assert_eq!(v["spiffe_id"], format!("spiffe://cluster.local/ns/prod/{app}"));
+        assert_eq!(
+            v["spiffe_id"],
+            format!("spiffe://cluster.local/ns/prod/{app}")
+        );
         let (crt, key, bundle) = svid_files(&dir, app, &v);
         assert_eq!(
             uri_sans(&dir, v["cert_pem"].as_str().unwrap()),
@@ -291,7 +294,12 @@ fn workload_api_svids_do_mtls_with_python_and_sentry_tokens_verify_with_pyjwt() 
     let arg = |p: &PathBuf| p.to_str().unwrap().to_owned();
     let server = Command::new("python3")
         .args(["-c", PY_MTLS, "server"])
-        .args([arg(&files[0].0), arg(&files[0].1), arg(&files[0].2), arg(&portfile)])
+        .args([
+            arg(&files[0].0),
+            arg(&files[0].1),
+            arg(&files[0].2),
+            arg(&portfile),
+        ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -299,7 +307,12 @@ fn workload_api_svids_do_mtls_with_python_and_sentry_tokens_verify_with_pyjwt() 
     let mut server = vouch_tests::proc::Owned::new("python tls server", server);
     let client = Command::new("python3")
         .args(["-c", PY_MTLS, "client"])
-        .args([arg(&files[1].0), arg(&files[1].1), arg(&files[1].2), arg(&portfile)])
+        .args([
+            arg(&files[1].0),
+            arg(&files[1].1),
+            arg(&files[1].2),
+            arg(&portfile),
+        ])
         .output()
         .unwrap();
     assert!(
@@ -312,7 +325,10 @@ fn workload_api_svids_do_mtls_with_python_and_sentry_tokens_verify_with_pyjwt() 
     assert_eq!(c["data"], "ok");
     let out = server.wait_output(Duration::from_secs(10));
     let s: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
-    assert_eq!(s["peer"][0], "spiffe://cluster.local/ns/prod/billing", "{s}");
+    assert_eq!(
+        s["peer"][0], "spiffe://cluster.local/ns/prod/billing",
+        "{s}"
+    );
 
     // The Sentry tokens vouchd wrote verify with PyJWT against the JWKS.
     for app in ["orders", "billing"] {
@@ -329,7 +345,10 @@ fn workload_api_svids_do_mtls_with_python_and_sentry_tokens_verify_with_pyjwt() 
         );
         let out = run_ok(Command::new("python3").args(["-c", &script])).unwrap();
         let claims: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        assert_eq!(claims["sub"], format!("spiffe://cluster.local/ns/prod/{app}"));
+        assert_eq!(
+            claims["sub"],
+            format!("spiffe://cluster.local/ns/prod/{app}")
+        );
         assert_eq!(claims["aud"][0], SENTRY_ID);
         use std::os::unix::fs::MetadataExt;
         assert_eq!(std::fs::metadata(&token).unwrap().mode() & 0o777, 0o600);
@@ -395,7 +414,10 @@ fn tampering_withdraws_everything_within_a_second() {
         "orders",
         &[],
         &[
-            ("STANDIN_WORKLOAD_SOCKET", env.workload_socket().to_str().unwrap()),
+            (
+                "STANDIN_WORKLOAD_SOCKET",
+                env.workload_socket().to_str().unwrap(),
+            ),
             ("STANDIN_RETRY_MS", "100"),
             ("STANDIN_REPORT", rep.to_str().unwrap()),
             ("DAPR_SENTRY_TOKEN_FILE", token.to_str().unwrap()),
@@ -410,7 +432,10 @@ fn tampering_withdraws_everything_within_a_second() {
     }
     let instance_prefix = format!("{}@", good.pid());
     let affirmed_hook = |v: &serde_json::Value| {
-        v["instance"].as_str().unwrap_or("").starts_with(&instance_prefix)
+        v["instance"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with(&instance_prefix)
     };
     // The webhook saw it become affirming.
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -570,11 +595,158 @@ fn a_reused_pid_never_receives_the_callers_credentials() {
     std::fs::write(&go, "").unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while !out.exists() {
-        assert!(Instant::now() < deadline, "the inheriting child reported nothing");
+        assert!(
+            Instant::now() < deadline,
+            "the inheriting child reported nothing"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     assert_eq!(v["code"], "PermissionDenied", "{v}");
     assert!(v["message"].as_str().unwrap().contains("exited"), "{v}");
+}
+
+fn not_after(dir: &Path, pem: &str) -> String {
+    let p = dir.join(format!("na-{}.pem", rand_suffix()));
+    std::fs::write(&p, pem).unwrap();
+    let out = run_ok(
+        Command::new("openssl")
+            .args(["x509", "-noout", "-enddate", "-in"])
+            .arg(&p),
+    )
+    .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[test]
+fn verifier_down_means_no_new_credentials_and_issuing_resumes_when_it_is_back() {
+    let Some(mut env) = Env::with_verifier_env(&[("VOUCH_VERIFIER_SVID_TTL_S", "4")]) else {
+        return;
+    };
+    if !vouch_tests::require_tools(&["openssl"]) {
+        return;
+    }
+    let dir = env.dir();
+    let wl = env.workload_socket();
+    let standin = |env: &Env, ns: &Netns, app: &str, rep: &Path| {
+        env.standin_env(
+            ns,
+            app,
+            &[],
+            &[
+                ("STANDIN_WORKLOAD_SOCKET", wl.to_str().unwrap()),
+                ("STANDIN_RETRY_MS", "200"),
+                ("STANDIN_REPORT", rep.to_str().unwrap()),
+            ],
+        )
+    };
+    let (ns_a, ns_b) = (Netns::new().unwrap(), Netns::new().unwrap());
+    let (rep_a, rep_b) = (dir.join("a.jsonl"), dir.join("b.jsonl"));
+    let a = standin(&env, &ns_a, "orders", &rep_a);
+    wait_verdict(&env.db(), a.pid(), "affirming");
+    wait_event(&rep_a, "x509", 0, 15);
+    // Rotation at half-life (2 s): a second SVID arrives while all is well.
+    let first = report(&rep_a).len();
+    wait_event(&rep_a, "x509", first, 10);
+    let vouchd_pid = env.vouchd.pid();
+
+    // The verifier goes away.
+    env.verifier.take().unwrap().stop();
+    let stopped = Instant::now();
+    let before = report(&rep_a).len();
+    let last = report(&rep_a)
+        .into_iter()
+        .rev()
+        .find(|v| v["event"] == "x509")
+        .unwrap();
+    // A new instance gets nothing.
+    let b = standin(&env, &ns_b, "billing", &rep_b);
+    // The existing SVID lives out its lifetime (4 s), no longer.
+    std::thread::sleep(Duration::from_secs(5).saturating_sub(stopped.elapsed()));
+    assert!(
+        report(&rep_a)
+            .into_iter()
+            .skip(before)
+            .all(|v| v["event"] != "x509"),
+        "a new SVID was served with the verifier down: {:?}",
+        report(&rep_a)
+    );
+    assert!(report(&rep_b).iter().all(|v| v["event"] != "x509"));
+    let leaf = last["cert_pem"].as_str().unwrap();
+    let p = dir.join("expired.pem");
+    std::fs::write(&p, leaf).unwrap();
+    let bundle = dir.join("vouchd/bundle.pem");
+    let v = Command::new("openssl")
+        .args(["verify", "-CAfile"])
+        .arg(&bundle)
+        .arg(&p)
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&v.stdout),
+        String::from_utf8_lossy(&v.stderr)
+    );
+    assert!(
+        !v.status.success() && said.contains("expired"),
+        "the SVID ({}) should have expired: {}{}",
+        not_after(&dir, leaf),
+        String::from_utf8_lossy(&v.stdout),
+        String::from_utf8_lossy(&v.stderr)
+    );
+
+    // The verifier is back: both get SVIDs, vouchd never restarted.
+    env.start_verifier();
+    let back = report(&rep_a).len();
+    let again = wait_event(&rep_a, "x509", back, 20);
+    assert_eq!(again["spiffe_id"], "spiffe://cluster.local/ns/prod/orders");
+    openssl_verify(&dir, again["cert_pem"].as_str().unwrap(), &bundle);
+    let vb = wait_event(&rep_b, "x509", 0, 20);
+    assert_eq!(vb["spiffe_id"], "spiffe://cluster.local/ns/prod/billing");
+    assert_eq!(env.vouchd.pid(), vouchd_pid);
+    drop(b);
+}
+
+#[test]
+fn a_policy_can_stop_the_contraindicated_process() {
+    let Some(env) = Env::new() else { return };
+    let dir = env.dir();
+    // The operator asks for SIGSTOP on contraindication (live reload).
+    let policy = dir.join("policies/prod.yaml");
+    let text = std::fs::read_to_string(&policy).unwrap();
+    std::fs::write(&policy, format!("{text}  response: stop\n")).unwrap();
+    let ns = Netns::new().unwrap();
+    let good = env.standin(&ns, "orders", &[]);
+    wait_verdict(&env.db(), good.pid(), "affirming");
+    let state = |pid: u32| {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        s.rsplit_once(") ")
+            .and_then(|(_, r)| r.chars().next())
+            .unwrap_or('?')
+    };
+    assert_ne!(state(good.pid()), 'T');
+    // A second daprd next to it: both contraindicated, both stopped.
+    let second = env.standin(
+        &ns,
+        "orders2",
+        &["--dapr-http-port", "3600", "--dapr-grpc-port", "50002"],
+    );
+    wait_verdict(&env.db(), good.pid(), "contraindicated");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while state(good.pid()) != 'T' || state(second.pid()) != 'T' {
+        assert!(
+            Instant::now() < deadline,
+            "not stopped: {} {}",
+            state(good.pid()),
+            state(second.pid())
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Let the harness's SIGTERM take effect.
+    for p in [good.pid(), second.pid()] {
+        let _ = Command::new("kill")
+            .args(["-CONT", &p.to_string()])
+            .status();
+    }
 }
