@@ -491,6 +491,24 @@ impl Creds {
         Ok(id)
     }
 
+    /// [`Creds::identify`], waiting up to `limit` when the caller is not
+    /// tracked yet: a daprd that asks for its certificate right after exec
+    /// is still being measured, and deserves an answer about its verdict
+    /// rather than a refusal.
+    pub async fn identify_wait(&self, peer: &Peer, limit: Duration) -> Result<InstanceId, CredError> {
+        let mut rx = self.subscribe();
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            match self.identify(peer) {
+                Err(CredError::NotMeasured { .. }) => {}
+                other => return other,
+            }
+            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+                return self.identify(peer);
+            }
+        }
+    }
+
     /// Re-checks, just before a reply, that the caller is still the same
     /// live process and still affirmed.
     pub fn recheck(&self, peer: &Peer, id: InstanceId) -> Result<(), CredError> {

@@ -51,7 +51,11 @@ impl Ca for SentryCa {
             audit_denied("sentry", &peer, &e);
             e.status()
         };
-        let id = self.creds.identify(&peer).map_err(deny)?;
+        let id = self
+            .creds
+            .identify_wait(&peer, Duration::from_secs(2))
+            .await
+            .map_err(deny)?;
         let req = r.into_inner();
         self.creds
             .entitled_wait(id, Duration::from_secs(3))

@@ -40,7 +40,7 @@ pub fn audit_denied(api: &str, peer: &Peer, e: &CredError) {
 }
 
 impl WorkloadApi {
-    fn caller<B>(&self, r: &Request<B>) -> Result<(Arc<Peer>, InstanceId), Status> {
+    async fn caller<B>(&self, r: &Request<B>) -> Result<(Arc<Peer>, InstanceId), Status> {
         if r.metadata()
             .get("workload.spiffe.io")
             .and_then(|v| v.to_str().ok())
@@ -51,7 +51,7 @@ impl WorkloadApi {
             ));
         }
         let peer = peer_of(r).ok_or_else(|| Status::internal("no peer credentials"))?;
-        match self.creds.identify(&peer) {
+        match self.creds.identify_wait(&peer, Duration::from_secs(2)).await {
             Ok(id) => Ok((peer, id)),
             Err(e) => {
                 audit_denied("workload", &peer, &e);
@@ -76,7 +76,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         r: Request<JwtsvidRequest>,
     ) -> Result<Response<JwtsvidResponse>, Status> {
-        let (peer, id) = self.caller(&r)?;
+        let (peer, id) = self.caller(&r).await?;
         let aud = r.into_inner().audience;
         if aud.is_empty() {
             return Err(Status::invalid_argument("audience is required"));
@@ -104,7 +104,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         r: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        let (peer, id) = self.caller(&r)?;
+        let (peer, id) = self.caller(&r).await?;
         let creds = self.creds.clone();
         let s = follow(creds.clone(), peer, id, move |_| {
             let (jwks, td) = creds.jwks();
@@ -123,7 +123,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         r: Request<X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
-        let (peer, id) = self.caller(&r)?;
+        let (peer, id) = self.caller(&r).await?;
         let creds = self.creds.clone();
         let s = follow(creds.clone(), peer, id, move |id| {
             let creds = creds.clone();
@@ -151,7 +151,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         r: Request<X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        let (peer, id) = self.caller(&r)?;
+        let (peer, id) = self.caller(&r).await?;
         let creds = self.creds.clone();
         let s = follow(creds.clone(), peer, id, move |_| {
             let creds = creds.clone();

@@ -55,7 +55,8 @@ struct SpiffeVerifier {
     expected: String,
 }
 
-fn uri_sans(der: &[u8]) -> Vec<String> {
+/// The URI SANs of a DER certificate (empty if it does not parse).
+pub fn uri_sans(der: &[u8]) -> Vec<String> {
     let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
         return Vec::new();
     };

@@ -260,9 +260,15 @@ async fn sentry_loop(path: std::path::PathBuf, app_id: String, sentry_id: String
         let wait = match attempt.await {
             Ok((key, r)) => {
                 let until = r.valid_until.map_or(0, |t| t.seconds.max(0) as u64);
+                let leaf = vouch_standin::pem_certs(&String::from_utf8_lossy(&r.workload_certificate));
+                let spiffe_id = leaf
+                    .first()
+                    .map(|d| vouch_standin::uri_sans(d).join(","))
+                    .unwrap_or_default();
                 report(serde_json::json!({
                     "event": "sentry_issued",
                     "requested_id": id,
+                    "spiffe_id": spiffe_id,
                     "cert_pem": String::from_utf8_lossy(&r.workload_certificate),
                     "key_pem": key,
                     "anchors_pem": r.trust_chain_certificates.iter().map(|c| String::from_utf8_lossy(c).into_owned()).collect::<Vec<_>>(),

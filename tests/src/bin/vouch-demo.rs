@@ -6,11 +6,16 @@
 //! 3. vouchd starts: creates and persists an AK, enrolls (EK certificate
 //!    checked against the CA; AK bound to the EK by credential activation),
 //!    then measures daprd and pushes TPM-quoted evidence.
-//! 4. A sidecar ("orders", a stand-in daprd) starts in its own network
-//!    namespace: the verifier affirms it, and explains why.
-//! 5. Impostors appear: a daprd built from a swapped binary, and a foreign
-//!    process listening on port 3500 next to "orders". Both are refused,
-//!    with the verdicts and reasons printed.
+//! 4. Two sidecars (stand-in daprds "orders" and "billing") start in their
+//!    own network namespaces: the verifier affirms them and explains why;
+//!    "orders" gets its workload certificate from vouchd's attesting Sentry
+//!    endpoint (with the measured identity, not the one it asks for) and a
+//!    Sentry token file; "billing" gets an X.509 SVID over the SPIFFE
+//!    Workload API.
+//! 5. Impostors appear: a daprd built from a swapped binary (refused, its
+//!    certificate request denied), and a foreign process listening on port
+//!    3500 next to "orders" (orders is contraindicated and its credentials
+//!    are withdrawn), with the verdicts and reasons printed.
 //!
 //! Everything runs as real processes and is stopped and removed at the end.
 
@@ -74,6 +79,36 @@ fn show(row: &serde_json::Value) {
                 r["expected"].as_str().unwrap_or("")
             );
         }
+    }
+}
+
+fn wait_file(p: &Path, present: bool) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while p.exists() != present {
+        if Instant::now() > deadline {
+            bail!("{} never {}", p.display(), if present { "appeared" } else { "went away" });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// The first JSON line with `"event": event` a stand-in reported.
+fn wait_event(report: &Path, event: &str) -> Result<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let found = std::fs::read_to_string(report)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["event"] == event);
+        if let Some(v) = found {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("{} never reported {event}", report.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -143,28 +178,41 @@ fn main() -> Result<()> {
         &digest[..16]
     );
 
+    let (wl_sock, sentry_sock) = (dir.join("run/workload.sock"), dir.join("run/sentry.sock"));
     let mut v = Vouchd::new(&sw, &dir.join("vouchd"))
         .env("VOUCHD_VERIFIER_URL", &format!("https://127.0.0.1:{port}"))
         .env("VOUCHD_VERIFIER_CA", &vdir.join("ca.pem").to_string_lossy())
         .env("VOUCHD_NODE_NAME", "demo-node")
-        .env("VOUCHD_HEARTBEAT_MS", "1000");
+        .env("VOUCHD_HEARTBEAT_MS", "1000")
+        .env("VOUCHD_WORKLOAD_SOCKET", &wl_sock.to_string_lossy())
+        .env("VOUCHD_SENTRY_SOCKET", &sentry_sock.to_string_lossy());
     v.start()?;
     let node_id =
         std::fs::read_to_string(dir.join("vouchd/node_id")).context("vouchd did not enroll")?;
     println!("[vouchd]   AK created (0600 blob), EK certificate verified, credential activated: enrolled as {}…", &node_id[..16]);
+    let trust_bundle = dir.join("vouchd/bundle.pem");
+    wait_file(&trust_bundle, true)?;
+    println!("[vouchd]   serving the SPIFFE Workload API ({}) and an attesting Dapr Sentry endpoint ({}); trust bundle in {}",
+        wl_sock.display(), sentry_sock.display(), trust_bundle.display());
+    let anchors = std::fs::read_to_string(&trust_bundle)?;
 
     let cfg = dir.join("config.yaml");
     std::fs::write(&cfg, "apiVersion: dapr.io/v1alpha1\nkind: Configuration\nmetadata:\n  name: c\nspec:\n  mtls:\n    enabled: true\n")?;
     let ns = Netns::new()?;
-    let standin = |ns: &Netns, exe: &Path, args: &[&str]| -> Result<Owned> {
+    let standin = |ns: &Netns, exe: &Path, args: &[&str], env: &[(&str, &str)]| -> Result<Owned> {
         let mut c = ns.command(exe);
         c.args(args)
             .env("NAMESPACE", "prod")
             .env("DAPR_API_TOKEN", "demo-token")
+            .env("STANDIN_RETRY_MS", "300")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         Ok(Owned::new("stand-in daprd", c.spawn()?))
     };
+    let sentry_addr = format!("unix://{}", sentry_sock.display());
+    let (orders_rep, billing_rep) = (dir.join("orders.jsonl"), dir.join("billing.jsonl"));
+    let token = dir.join("orders-sentry.jwt");
     let orders = standin(
         &ns,
         &workspace_bin("daprd")?,
@@ -175,14 +223,48 @@ fn main() -> Result<()> {
             "127.0.0.1",
             "--config",
             &cfg.to_string_lossy(),
+            "--sentry-address",
+            &sentry_addr,
+        ],
+        &[
+            ("DAPR_TRUST_ANCHORS", &anchors),
+            ("SENTRY_LOCAL_IDENTITY", "payments"),
+            ("DAPR_SENTRY_TOKEN_FILE", &token.to_string_lossy()),
+            ("STANDIN_REPORT", &orders_rep.to_string_lossy()),
+        ],
+    )?;
+    let ns_b = Netns::new()?;
+    let billing = standin(
+        &ns_b,
+        &workspace_bin("daprd")?,
+        &["--app-id", "billing", "--dapr-listen-addresses", "127.0.0.1", "--config", &cfg.to_string_lossy()],
+        &[
+            ("STANDIN_WORKLOAD_SOCKET", &wl_sock.to_string_lossy()),
+            ("STANDIN_REPORT", &billing_rep.to_string_lossy()),
         ],
     )?;
     let db = vdir.join("state.db");
     println!(
-        "\n[node]     sidecar 'orders' (stand-in daprd) starts in network namespace {}",
-        ns.name()
+        "\n[node]     sidecars 'orders' and 'billing' (stand-in daprds) start in network namespaces {} and {}",
+        ns.name(),
+        ns_b.name()
     );
     show(&wait_verdict(&db, orders.pid(), "affirming")?);
+    show(&wait_verdict(&db, billing.pid(), "affirming")?);
+    let issued = wait_event(&orders_rep, "sentry_issued")?;
+    println!(
+        "[creds]    orders asked the attesting Sentry endpoint for app-id '{}' and got a workload certificate for {} (valid until unix {})",
+        issued["requested_id"].as_str().unwrap_or("?"),
+        issued["spiffe_id"].as_str().unwrap_or("?"),
+        issued["valid_until"]
+    );
+    wait_file(&token, true)?;
+    println!("[creds]    vouchd wrote orders' Sentry token ({}): a JWT with sub = its SPIFFE ID, for a stock Dapr Sentry's JWKS validator", token.display());
+    let svid = wait_event(&billing_rep, "x509")?;
+    println!(
+        "[creds]    billing holds an X.509 SVID from the Workload API stream: {}",
+        svid["spiffe_id"].as_str().unwrap_or("?")
+    );
     let explain = run_ok(
         Command::new(workspace_bin("vouch-verifier")?)
             .args(["explain", "orders", "--db"])
@@ -203,13 +285,31 @@ fn main() -> Result<()> {
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )?;
     let ns2 = Netns::new()?;
+    let fake_rep = dir.join("payments.jsonl");
     let fake = standin(
         &ns2,
         &swapped,
-        &["--app-id", "payments", "--config", &cfg.to_string_lossy()],
+        &[
+            "--app-id",
+            "payments",
+            "--config",
+            &cfg.to_string_lossy(),
+            "--sentry-address",
+            &sentry_addr,
+        ],
+        &[
+            ("DAPR_TRUST_ANCHORS", &anchors),
+            ("STANDIN_REPORT", &fake_rep.to_string_lossy()),
+        ],
     )?;
-    println!("\n[attack]   a daprd built from a swapped binary starts as 'payments'");
+    println!("\n[attack]   a daprd built from a swapped binary starts as 'payments' and asks Sentry for a certificate");
     show(&wait_verdict(&db, fake.pid(), "contraindicated")?);
+    let denied = wait_event(&fake_rep, "sentry_denied")?;
+    println!(
+        "[creds]    its certificate request: {} ({})",
+        denied["code"].as_str().unwrap_or("?"),
+        denied["message"].as_str().unwrap_or("")
+    );
 
     // Impostor 2: a foreign listener on 3500 next to 'orders'.
     let mut py = ns.command("python3");
@@ -220,7 +320,9 @@ fn main() -> Result<()> {
     let _listener = Owned::new("foreign listener", py.spawn()?);
     println!("\n[attack]   a plain process (python3) starts listening on 127.0.0.2:3500 in orders' network namespace");
     show(&wait_verdict(&db, orders.pid(), "contraindicated")?);
-    println!("\n[verifier] only affirming sidecars would receive credentials; both impostors and the sidecar they sit next to are refused.");
+    wait_file(&token, false)?;
+    println!("[creds]    trust in orders withdrawn: vouchd removed its Sentry token; new certificates are refused until it is affirmed again");
+    println!("\n[verifier] only affirming sidecars receive credentials; both impostors and the sidecar they sit next to are refused.");
     println!("[verifier] signed results (EAR, EdDSA) and the JWKS are at http://127.0.0.1:{http_port}/v1/sidecars and /.well-known/jwks.json");
     drop(v);
     println!("\nDemo finished; all processes stopped, network namespaces and state removed.");
