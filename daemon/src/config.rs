@@ -85,6 +85,7 @@ struct RawConfig {
     workload_group: Option<String>,
     sentry_socket: Option<PathBuf>,
     bundle_file: Option<PathBuf>,
+    token_dirs: Option<Vec<PathBuf>>,
 }
 
 /// Validated vouchd configuration.
@@ -131,6 +132,9 @@ pub struct ServeConfig {
     pub sentry_socket: PathBuf,
     /// The trust bundle (PEM) is kept here, for DAPR_TRUST_ANCHORS.
     pub bundle_file: PathBuf,
+    /// Sentry token files are written only under these directories (as the
+    /// daprd sees them); empty: anywhere its own uid could write.
+    pub token_dirs: Vec<PathBuf>,
 }
 
 /// Resolves a group name or number via /etc/group.
@@ -242,6 +246,14 @@ impl Config {
         }
         if let Some(v) = env_parse::<String>("VOUCHD_BUNDLE_FILE")? {
             raw.bundle_file = Some(v.into());
+        }
+        if let Some(v) = env_parse::<String>("VOUCHD_TOKEN_DIRS")? {
+            raw.token_dirs = Some(
+                v.split(':')
+                    .filter(|s| !s.is_empty())
+                    .map(PathBuf::from)
+                    .collect(),
+            );
         }
         if let Some(v) = env_parse::<String>("VOUCHD_CONTAINERD_NAMESPACES")? {
             raw.containerd_namespaces = Some(v.split(',').map(|s| s.trim().to_owned()).collect());
@@ -373,7 +385,14 @@ impl Config {
             bundle_file: raw
                 .bundle_file
                 .unwrap_or_else(|| state_dir.join("bundle.pem")),
+            token_dirs: raw.token_dirs.unwrap_or_default(),
         };
+        if let Some(d) = serve.token_dirs.iter().find(|d| !d.is_absolute()) {
+            return Err(ConfigError::Invalid {
+                field: "token_dirs",
+                reason: format!("{} is not an absolute path", d.display()),
+            });
+        }
         Ok(Self {
             serve,
             verifier,

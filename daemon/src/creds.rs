@@ -218,6 +218,7 @@ pub struct Creds {
     client: CredentialsClient<Channel>,
     kick: Box<dyn Fn() + Send + Sync>,
     bundle_file: PathBuf,
+    token_dirs: Vec<PathBuf>,
 }
 
 impl std::fmt::Debug for Creds {
@@ -278,13 +279,18 @@ fn from_status(s: tonic::Status) -> CredError {
 impl Creds {
     /// Credential state talking to the verifier over `channel`; `kick`
     /// asks the daemon to push evidence now (to get a fresh session).
-    pub fn new(channel: Channel, kick: Box<dyn Fn() + Send + Sync>, bundle_file: PathBuf) -> Self {
+    pub fn new(
+        channel: Channel,
+        kick: Box<dyn Fn() + Send + Sync>,
+        serve: &crate::config::ServeConfig,
+    ) -> Self {
         Self {
             state: Mutex::new(State::default()),
             changed: tokio::sync::watch::channel(0).0,
             client: CredentialsClient::new(channel),
             kick,
-            bundle_file,
+            bundle_file: serve.bundle_file.clone(),
+            token_dirs: serve.token_dirs.clone(),
         }
     }
 
@@ -312,7 +318,7 @@ impl Creds {
                 .and_then(|(_, v)| String::from_utf8(v).ok())
                 .filter(|v| !v.is_empty())
         });
-        let token = token.map(|p| {
+        let token = token.and_then(|p| {
             let path = if p.starts_with('/') {
                 p
             } else {
@@ -322,12 +328,21 @@ impl Creds {
                     .unwrap_or_else(|_| "/".into());
                 format!("{}/{p}", cwd.trim_end_matches('/'))
             };
-            TokenFile {
+            let allowed = self.token_dirs.is_empty()
+                || self.token_dirs.iter().any(|d| {
+                    std::path::Path::new(&path).parent().is_some_and(|p| p.starts_with(d))
+                        && !path.split('/').any(|c| c == "..")
+                });
+            if !allowed {
+                tracing::warn!(instance = %m.id, file = %path, "DAPR_SENTRY_TOKEN_FILE is outside token_dirs; no token file");
+                return None;
+            }
+            Some(TokenFile {
                 dir: None,
                 path,
                 expires_at: 0,
                 issued_at: 0,
-            }
+            })
         });
         let (uid, gid) = procfs::ids(m.id.pid).unwrap_or((0, 0));
         let mut g = self.lock();
@@ -495,7 +510,11 @@ impl Creds {
     /// tracked yet: a daprd that asks for its certificate right after exec
     /// is still being measured, and deserves an answer about its verdict
     /// rather than a refusal.
-    pub async fn identify_wait(&self, peer: &Peer, limit: Duration) -> Result<InstanceId, CredError> {
+    pub async fn identify_wait(
+        &self,
+        peer: &Peer,
+        limit: Duration,
+    ) -> Result<InstanceId, CredError> {
         let mut rx = self.subscribe();
         let deadline = tokio::time::Instant::now() + limit;
         loop {
@@ -503,7 +522,10 @@ impl Creds {
                 Err(CredError::NotMeasured { .. }) => {}
                 other => return other,
             }
-            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
                 return self.identify(peer);
             }
         }

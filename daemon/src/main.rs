@@ -141,11 +141,7 @@ fn serve_credentials(
     let endpoint = vouch_proto::client::verifier_endpoint(url, &ca_pem)?
         .connect_timeout(std::time::Duration::from_secs(3));
     let _g = rt.enter();
-    let creds = std::sync::Arc::new(Creds::new(
-        endpoint.connect_lazy(),
-        kick,
-        cfg.serve.bundle_file.clone(),
-    ));
+    let creds = std::sync::Arc::new(Creds::new(endpoint.connect_lazy(), kick, &cfg.serve));
     let wl = serve::bind(&cfg.serve.workload_socket, cfg.serve.workload_gid)
         .with_context(|| format!("workload_socket {}", cfg.serve.workload_socket.display()))?;
     let sl = serve::bind(&cfg.serve.sentry_socket, cfg.serve.workload_gid)

@@ -96,14 +96,44 @@ pub fn open_dir_in_root(pid: u32, dir: &str) -> io::Result<File> {
 /// Atomically replaces file `name` in directory `dir` with `data` (mode
 /// 0600, owned by `uid`:`gid`): a temporary file is written, fsync'd and
 /// renamed over the target. A symlink at `name` is replaced, never
-/// followed.
+/// followed. vouchd runs as root and the path comes from a process's
+/// environment, so unless `uid` is root the directory and any existing
+/// file must already belong to `uid`: a process can only have vouchd write
+/// where it could write itself.
 pub fn write_at(dir: &File, name: &str, data: &[u8], uid: u32, gid: u32) -> io::Result<()> {
     use std::io::Write;
+    use std::os::unix::fs::MetadataExt;
     if name.is_empty() || name.contains('/') || name == "." || name == ".." {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("{name:?} is not a file name"),
         ));
+    }
+    if uid != 0 {
+        let not_theirs = |what: &str| {
+            io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("{what} is not owned by uid {uid}"),
+            )
+        };
+        if dir.metadata()?.uid() != uid {
+            return Err(not_theirs("the directory"));
+        }
+        let cname = cpath(name)?;
+        // SAFETY: zeroed stat is valid; dir open; cname NUL-terminated.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: as above; the kernel writes st.
+        let r = unsafe {
+            libc::fstatat(
+                dir.as_raw_fd(),
+                cname.as_ptr(),
+                &mut st,
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        };
+        if r == 0 && st.st_uid != uid {
+            return Err(not_theirs("the existing file"));
+        }
     }
     let tmp = format!(".{name}.vouch-{}", std::process::id());
     let ctmp = cpath(&tmp)?;

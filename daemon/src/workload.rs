@@ -51,7 +51,11 @@ impl WorkloadApi {
             ));
         }
         let peer = peer_of(r).ok_or_else(|| Status::internal("no peer credentials"))?;
-        match self.creds.identify_wait(&peer, Duration::from_secs(2)).await {
+        match self
+            .creds
+            .identify_wait(&peer, Duration::from_secs(2))
+            .await
+        {
             Ok(id) => Ok((peer, id)),
             Err(e) => {
                 audit_denied("workload", &peer, &e);

@@ -260,7 +260,8 @@ async fn sentry_loop(path: std::path::PathBuf, app_id: String, sentry_id: String
         let wait = match attempt.await {
             Ok((key, r)) => {
                 let until = r.valid_until.map_or(0, |t| t.seconds.max(0) as u64);
-                let leaf = vouch_standin::pem_certs(&String::from_utf8_lossy(&r.workload_certificate));
+                let leaf =
+                    vouch_standin::pem_certs(&String::from_utf8_lossy(&r.workload_certificate));
                 let spiffe_id = leaf
                     .first()
                     .map(|d| vouch_standin::uri_sans(d).join(","))
@@ -301,6 +302,22 @@ async fn workload_loop(path: std::path::PathBuf, retry: Duration) {
         let r = async {
             let ch = vouch_standin::unix_channel(&path).await?;
             let mut c = SpiffeWorkloadApiClient::new(ch);
+            if let Ok(aud) = std::env::var("STANDIN_JWT_AUDIENCE") {
+                let j = c
+                    .fetch_jwtsvid(vouch_standin::workload_request(
+                        vouch_proto::workload::JwtsvidRequest {
+                            audience: vec![aud],
+                            spiffe_id: String::new(),
+                        },
+                    ))
+                    .await?
+                    .into_inner();
+                for v in j.svids {
+                    report(
+                        serde_json::json!({"event": "jwt", "spiffe_id": v.spiffe_id, "token": v.svid}),
+                    );
+                }
+            }
             let mut s = c
                 .fetch_x509svid(vouch_standin::workload_request(
                     vouch_proto::workload::X509svidRequest {},

@@ -194,7 +194,10 @@ impl Env {
             .env(
                 "VOUCHD_SENTRY_SOCKET",
                 dir.join("run/sentry.sock").to_str().expect("test stack"),
-            );
+            )
+            // Every test's vouchd sees every stand-in on the machine: each
+            // writes token files only into its own test's directory.
+            .env("VOUCHD_TOKEN_DIRS", dir.to_str().expect("test stack"));
         let mut env = Self {
             sw,
             port,

@@ -268,6 +268,10 @@ fn workload_api_svids_do_mtls_with_python_and_sentry_tokens_verify_with_pyjwt() 
                 ("STANDIN_RETRY_MS", "200"),
                 ("STANDIN_REPORT", rep.to_str().unwrap()),
                 ("DAPR_SENTRY_TOKEN_FILE", token.to_str().unwrap()),
+                (
+                    "STANDIN_JWT_AUDIENCE",
+                    "spiffe://cluster.local/ns/prod/inventory",
+                ),
             ],
         ));
         reports.push(rep);
@@ -330,6 +334,46 @@ fn workload_api_svids_do_mtls_with_python_and_sentry_tokens_verify_with_pyjwt() 
         "{s}"
     );
 
+    // The Workload API socket is 0660.
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&wl).unwrap().permissions().mode() & 0o777,
+        0o660
+    );
+
+    // JWT-SVIDs from the Workload API verify with PyJWT against the JWKS.
+    let verify = |tok: &str, aud: &str| -> serde_json::Value {
+        let script = format!(
+            "import json, sys, urllib.request, jwt\njwks=json.load(urllib.request.urlopen('http://127.0.0.1:{}/.well-known/jwks.json'))\ntok=sys.stdin.read().strip()\nkey=jwt.PyJWKSet.from_dict(jwks)[jwt.get_unverified_header(tok)['kid']]\nprint(json.dumps(jwt.decode(tok, key.key, algorithms=['EdDSA'], audience='{aud}')))\n",
+            env.http_port
+        );
+        let mut c = Command::new("python3")
+            .args(["-c", &script])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        c.stdin.take().unwrap().write_all(tok.as_bytes()).unwrap();
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "PyJWT: {} (http port {}, grpc port {}; verifier log:\n{})",
+            String::from_utf8_lossy(&out.stderr),
+            env.http_port,
+            env.port,
+            std::fs::read_to_string(env.dir().join("verifier.log")).unwrap_or_default()
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let j = wait_event(&reports[0], "jwt", 0, 10);
+    let claims = verify(
+        j["token"].as_str().unwrap(),
+        "spiffe://cluster.local/ns/prod/inventory",
+    );
+    assert_eq!(claims["sub"], "spiffe://cluster.local/ns/prod/orders");
+
     // The Sentry tokens vouchd wrote verify with PyJWT against the JWKS.
     for app in ["orders", "billing"] {
         let token = tokens.join(format!("{app}.jwt"));
@@ -338,13 +382,7 @@ fn workload_api_svids_do_mtls_with_python_and_sentry_tokens_verify_with_pyjwt() 
             assert!(Instant::now() < deadline, "no token file for {app}");
             std::thread::sleep(Duration::from_millis(20));
         }
-        let script = format!(
-            "import json, urllib.request, jwt\njwks=json.load(urllib.request.urlopen('http://127.0.0.1:{}/.well-known/jwks.json'))\ntok=open('{}').read()\nkey=jwt.PyJWKSet.from_dict(jwks)[jwt.get_unverified_header(tok)['kid']]\nc=jwt.decode(tok, key.key, algorithms=['EdDSA'], audience='{SENTRY_ID}')\nprint(json.dumps(c))\n",
-            env.http_port,
-            token.display()
-        );
-        let out = run_ok(Command::new("python3").args(["-c", &script])).unwrap();
-        let claims: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let claims = verify(&std::fs::read_to_string(&token).unwrap(), SENTRY_ID);
         assert_eq!(
             claims["sub"],
             format!("spiffe://cluster.local/ns/prod/{app}")
@@ -712,12 +750,21 @@ fn verifier_down_means_no_new_credentials_and_issuing_resumes_when_it_is_back() 
 fn a_policy_can_stop_the_contraindicated_process() {
     let Some(env) = Env::new() else { return };
     let dir = env.dir();
-    // The operator asks for SIGSTOP on contraindication (live reload).
-    let policy = dir.join("policies/prod.yaml");
-    let text = std::fs::read_to_string(&policy).unwrap();
-    std::fs::write(&policy, format!("{text}  response: stop\n")).unwrap();
+    // The operator asks for SIGSTOP on contraindication (live reload), for
+    // two app-ids only this test uses (other tests' vouchds and stand-ins
+    // share the machine).
+    let (a, b) = (
+        format!("stop-{}", rand_suffix()),
+        format!("stop-{}", rand_suffix()),
+    );
+    std::fs::write(
+        dir.join("policies/stop.yaml"),
+        format!("apiVersion: vouch.dev/v1alpha1\nkind: SidecarPolicy\nmetadata:\n  name: stop\nspec:\n  selector:\n    appIds: [{a}, {b}]\n  response: stop\n"),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
     let ns = Netns::new().unwrap();
-    let good = env.standin(&ns, "orders", &[]);
+    let good = env.standin(&ns, &a, &[]);
     wait_verdict(&env.db(), good.pid(), "affirming");
     let state = |pid: u32| {
         let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -729,7 +776,7 @@ fn a_policy_can_stop_the_contraindicated_process() {
     // A second daprd next to it: both contraindicated, both stopped.
     let second = env.standin(
         &ns,
-        "orders2",
+        &b,
         &["--dapr-http-port", "3600", "--dapr-grpc-port", "50002"],
     );
     wait_verdict(&env.db(), good.pid(), "contraindicated");

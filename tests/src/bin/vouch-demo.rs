@@ -86,7 +86,11 @@ fn wait_file(p: &Path, present: bool) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);
     while p.exists() != present {
         if Instant::now() > deadline {
-            bail!("{} never {}", p.display(), if present { "appeared" } else { "went away" });
+            bail!(
+                "{} never {}",
+                p.display(),
+                if present { "appeared" } else { "went away" }
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -185,7 +189,8 @@ fn main() -> Result<()> {
         .env("VOUCHD_NODE_NAME", "demo-node")
         .env("VOUCHD_HEARTBEAT_MS", "1000")
         .env("VOUCHD_WORKLOAD_SOCKET", &wl_sock.to_string_lossy())
-        .env("VOUCHD_SENTRY_SOCKET", &sentry_sock.to_string_lossy());
+        .env("VOUCHD_SENTRY_SOCKET", &sentry_sock.to_string_lossy())
+        .env("VOUCHD_TOKEN_DIRS", &dir.to_string_lossy());
     v.start()?;
     let node_id =
         std::fs::read_to_string(dir.join("vouchd/node_id")).context("vouchd did not enroll")?;
@@ -237,7 +242,14 @@ fn main() -> Result<()> {
     let billing = standin(
         &ns_b,
         &workspace_bin("daprd")?,
-        &["--app-id", "billing", "--dapr-listen-addresses", "127.0.0.1", "--config", &cfg.to_string_lossy()],
+        &[
+            "--app-id",
+            "billing",
+            "--dapr-listen-addresses",
+            "127.0.0.1",
+            "--config",
+            &cfg.to_string_lossy(),
+        ],
         &[
             ("STANDIN_WORKLOAD_SOCKET", &wl_sock.to_string_lossy()),
             ("STANDIN_REPORT", &billing_rep.to_string_lossy()),
