@@ -133,12 +133,18 @@ impl SpiffeWorkloadApi for WorkloadApi {
             let creds = creds.clone();
             Box::pin(async move {
                 let svid = creds.x509(id).await?;
+                // The current bundle (a CA rollover reaches callers at
+                // once, not only with their next SVID).
+                let bundle = match creds.bundle() {
+                    b if b.is_empty() => svid.bundle.clone(),
+                    b => b,
+                };
                 Ok(X509svidResponse {
                     svids: vec![X509svid {
                         spiffe_id: svid.spiffe_id.clone(),
                         x509_svid: svid.leaf_der.clone(),
                         x509_svid_key: svid.key_pkcs8.clone(),
-                        bundle: WorkloadApi::bundle_bytes(&svid.bundle),
+                        bundle: WorkloadApi::bundle_bytes(&bundle),
                         hint: String::new(),
                     }],
                     crl: Vec::new(),

@@ -94,7 +94,7 @@ fn generate_check_and_judge_from_real_measurements() {
         .unwrap()
         .enrolled_state("n", BTreeMap::new())
         .unwrap();
-    state.instances.insert(m.id, m.clone());
+    state.instances.insert(m.id, std::sync::Arc::new(m.clone()));
     let v = judge(&state, &m, std::slice::from_ref(&p));
     assert_eq!(v.verdict, Verdict::Affirming, "{:?}", v.reasons);
     let mut other = m.clone();

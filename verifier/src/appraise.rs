@@ -129,8 +129,9 @@ pub struct NodeState {
     pub pcr: [u8; 32],
     /// vouchd reported integrity loss in this boot.
     pub integrity_lost: Option<String>,
-    /// Current daprd instances.
-    pub instances: BTreeMap<InstanceId, Measurement>,
+    /// Current daprd instances (shared: cloning the state for an
+    /// appraisal copies pointers, not measurements).
+    pub instances: BTreeMap<InstanceId, std::sync::Arc<Measurement>>,
     /// Current anomalies (dropped when their instance exits).
     pub anomalies: Vec<Anomaly>,
 }
@@ -366,7 +367,7 @@ fn apply(state: &mut NodeState, e: &Event) {
         }
         EventKind::InstanceMeasured | EventKind::FileChanged => {
             if let Ok(meas) = m::measurement_of(e) {
-                state.instances.insert(meas.id, meas);
+                state.instances.insert(meas.id, std::sync::Arc::new(meas));
             }
         }
         EventKind::InstanceExited => {

@@ -22,6 +22,10 @@ use rcgen::{
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 
+/// CA certificates are valid from this many seconds before they are made
+/// (clock skew); their half-life counts from when they were made.
+const BACKDATE: i64 = 60;
+
 /// Most bytes accepted in one CSR.
 pub const MAX_CSR: usize = 16 << 10;
 
@@ -210,10 +214,10 @@ impl IssuingCa {
     pub fn rotate_if_due(&mut self, now: i64) -> Result<bool, CaError> {
         let before = self.gens.len();
         self.gens.retain(|g| g.not_after > now);
-        let due = self
-            .gens
-            .last()
-            .is_none_or(|g| now >= g.not_before + (g.not_after - g.not_before) / 2);
+        let due = self.gens.last().is_none_or(|g| {
+            let made = g.not_before + BACKDATE;
+            now >= made + (g.not_after - made) / 2
+        });
         if due {
             self.generate(now)?;
         }
@@ -233,7 +237,7 @@ impl IssuingCa {
             KeyUsagePurpose::DigitalSignature,
         ];
         let not_after = now + self.ttl.as_secs() as i64;
-        p.not_before = time_of(now - 60)?;
+        p.not_before = time_of(now - BACKDATE)?;
         p.not_after = time_of(not_after)?;
         p.serial_number = Some(SerialNumber::from_slice(&random_serial()?));
         let cert = p.self_signed(&key)?;
@@ -251,7 +255,7 @@ impl IssuingCa {
         tracing::info!(ca = %pem_p.display(), not_after, "new SVID CA generation (the previous one stays in the bundle until it expires)");
         self.gens.push(Generation {
             not_after,
-            not_before: now - 60,
+            not_before: now - BACKDATE,
             pem: cert.pem(),
             der: cert.der().to_vec(),
             issuer: Issuer::new(p, key),

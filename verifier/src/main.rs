@@ -206,8 +206,9 @@ fn serve(config: Option<PathBuf>) -> Result<()> {
         tracing::info!(webhooks = ?cfg.webhooks, "verdict changes are posted to webhooks");
     }
     let v4 = verifier.clone();
+    let rotate_check = (cfg.ca_ttl / 10).min(std::time::Duration::from_secs(30));
     rt.spawn(async move {
-        let mut tick = tokio::time::interval(std::time::Duration::from_secs(30));
+        let mut tick = tokio::time::interval(rotate_check);
         loop {
             tick.tick().await;
             if let Err(e) = v4.rotate_ca() {

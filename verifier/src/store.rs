@@ -63,8 +63,8 @@ pub struct StoredState {
     pub pcr: String,
     /// Integrity lost reason.
     pub integrity_lost: Option<String>,
-    /// Current instances.
-    pub instances: Vec<Measurement>,
+    /// Current instances (shared with the in-memory state).
+    pub instances: Vec<std::sync::Arc<Measurement>>,
     /// Current anomalies.
     pub anomalies: Vec<Anomaly>,
 }
