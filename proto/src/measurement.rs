@@ -13,20 +13,28 @@
 //! |---|---|---|---|---|---|---|
 //! | BootStart | PCR value found (bytes) | resetCount (u64) | restartCount (u64) | vouchd executable SHA-256 (bytes) | runtime PCR index (u64) | |
 //! | DaemonStart | PCR value found | resetCount | restartCount | vouchd SHA-256 | runtime PCR | integrity lost (bool), tag 7: reason (str) |
-//! | InstanceMeasured | [`Measurement`] as JSON (str) | | | | | |
-//! | FileChanged | [`Measurement`] as JSON (str) | changed path (str) | | | | |
-//! | InstanceExited | [`InstanceId`] as JSON (str) | | | | | |
-//! | Anomaly | [`Anomaly`] as JSON (str) | | | | | |
+//! | InstanceMeasured | | | [`Measurement`] (bytes, postcard) | | | |
+//! | FileChanged | | changed path (str) | [`Measurement`] (bytes, postcard) | | | |
+//! | InstanceExited | | | [`InstanceId`] (bytes, postcard) | | | |
+//! | Anomaly | | | [`Anomaly`] (bytes, postcard) | | | |
 //!
-//! The JSON payloads are produced by serde from the types below (fields in
-//! declaration order, no maps), so one measurement has one encoding.
+//! The payloads (tag 3) are the types below in the postcard wire format
+//! (serde, fields in declaration order; unsigned integers as LEB128
+//! varints, strings and sequences length-prefixed, `Option` as a 0/1 byte,
+//! enum variants by index; no maps), so one measurement has exactly one
+//! encoding. Logs written before this encoding carry the same types as JSON
+//! text in tag 1; decoding accepts either (tag 3 wins), encoding writes
+//! tag 3 only.
 
 use serde::{Deserialize, Serialize};
 
 use crate::event::{Event, EventKind, Record, Value};
 
-/// Body tag of the JSON payload in measurement, exit and anomaly events.
+/// Body tag of the JSON payload in measurement, exit and anomaly events
+/// written by earlier versions (still decoded).
 pub const TAG_JSON: u16 = 1;
+/// Body tag of the postcard payload in measurement, exit and anomaly events.
+pub const TAG_BIN: u16 = 3;
 /// Body tag of the changed path in FileChanged events.
 pub const TAG_CHANGED_PATH: u16 = 2;
 
@@ -270,45 +278,62 @@ pub enum BodyError {
     /// A required tag is missing or has another type.
     #[error("event body tag {0} missing or of the wrong type")]
     MissingTag(u16),
-    /// The JSON payload does not match the schema.
+    /// The JSON payload (earlier versions) does not match the schema.
     #[error("event body JSON: {0}")]
     Json(#[from] serde_json::Error),
+    /// The postcard payload does not match the schema.
+    #[error("event body: {0}")]
+    Bin(#[from] postcard::Error),
 }
 
-fn json_body<T: Serialize>(v: &T) -> Record {
-    // Serializing these plain structs cannot fail (no maps with non-string
-    // keys, no custom serializers); fall back to an empty string if it did.
+fn bin_body<T: Serialize>(v: &T) -> Record {
+    // Serializing these plain structs into a growable buffer cannot fail
+    // (no maps, no custom serializers); an empty payload would fail to
+    // decode, which the verifier reports, if it ever did.
     Record::new().with(
-        TAG_JSON,
-        Value::Str(serde_json::to_string(v).unwrap_or_default()),
+        TAG_BIN,
+        Value::Bytes(postcard::to_allocvec(v).unwrap_or_default()),
     )
+}
+
+/// Decodes the payload of `e`: postcard in tag 3, or JSON in tag 1 (logs
+/// from earlier versions).
+fn payload<T: serde::de::DeserializeOwned>(e: &Event) -> Result<T, BodyError> {
+    match e.body.get(TAG_BIN) {
+        Some(Value::Bytes(b)) => {
+            let (v, rest) = postcard::take_from_bytes(b)?;
+            if rest.is_empty() {
+                Ok(v)
+            } else {
+                Err(BodyError::Bin(postcard::Error::DeserializeBadEncoding))
+            }
+        }
+        Some(_) => Err(BodyError::MissingTag(TAG_BIN)),
+        None => match e.body.get(TAG_JSON) {
+            Some(Value::Str(s)) => Ok(serde_json::from_str(s)?),
+            _ => Err(BodyError::MissingTag(TAG_BIN)),
+        },
+    }
 }
 
 /// Body of an InstanceMeasured event.
 pub fn measured_body(m: &Measurement) -> Record {
-    json_body(m)
+    bin_body(m)
 }
 
 /// Body of a FileChanged event.
 pub fn file_changed_body(m: &Measurement, path: &str) -> Record {
-    json_body(m).with(TAG_CHANGED_PATH, Value::Str(path.to_owned()))
+    bin_body(m).with(TAG_CHANGED_PATH, Value::Str(path.to_owned()))
 }
 
 /// Body of an InstanceExited event.
 pub fn exited_body(id: &InstanceId) -> Record {
-    json_body(id)
+    bin_body(id)
 }
 
 /// Body of an Anomaly event.
 pub fn anomaly_body(a: &Anomaly) -> Record {
-    json_body(a)
-}
-
-fn json_of(e: &Event) -> Result<&str, BodyError> {
-    match e.body.get(TAG_JSON) {
-        Some(Value::Str(s)) => Ok(s),
-        _ => Err(BodyError::MissingTag(TAG_JSON)),
-    }
+    bin_body(a)
 }
 
 fn expect_kind(e: &Event, kinds: &[EventKind]) -> Result<(), BodyError> {
@@ -325,19 +350,36 @@ fn expect_kind(e: &Event, kinds: &[EventKind]) -> Result<(), BodyError> {
 /// The measurement in an InstanceMeasured or FileChanged event.
 pub fn measurement_of(e: &Event) -> Result<Measurement, BodyError> {
     expect_kind(e, &[EventKind::InstanceMeasured, EventKind::FileChanged])?;
-    Ok(serde_json::from_str(json_of(e)?)?)
+    payload(e)
+}
+
+/// The instance an InstanceMeasured or FileChanged event measures, read
+/// from the front of its payload without decoding the rest (the
+/// [`Measurement`] encoding starts with its [`InstanceId`]); None for other
+/// kinds or a payload that does not start with one.
+pub fn instance_of(e: &Event) -> Option<InstanceId> {
+    if !matches!(e.kind, EventKind::InstanceMeasured | EventKind::FileChanged) {
+        return None;
+    }
+    match e.body.get(TAG_BIN) {
+        Some(Value::Bytes(b)) => postcard::take_from_bytes::<InstanceId>(b)
+            .ok()
+            .map(|(id, _)| id),
+        Some(_) => None,
+        None => measurement_of(e).ok().map(|m| m.id),
+    }
 }
 
 /// The instance in an InstanceExited event.
 pub fn exited_of(e: &Event) -> Result<InstanceId, BodyError> {
     expect_kind(e, &[EventKind::InstanceExited])?;
-    Ok(serde_json::from_str(json_of(e)?)?)
+    payload(e)
 }
 
 /// The anomaly in an Anomaly event.
 pub fn anomaly_of(e: &Event) -> Result<Anomaly, BodyError> {
     expect_kind(e, &[EventKind::Anomaly])?;
-    Ok(serde_json::from_str(json_of(e)?)?)
+    payload(e)
 }
 
 /// Boot or daemon-start facts (BootStart / DaemonStart bodies).
@@ -406,5 +448,97 @@ impl StartFacts {
                 _ => None,
             },
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests
+    use super::*;
+    use crate::event::Event;
+
+    fn sample() -> Measurement {
+        Measurement {
+            id: InstanceId {
+                pid: 42,
+                start_time: 7,
+                exe_dev: 1,
+                exe_ino: 2,
+            },
+            comm: "daprd".into(),
+            exe: ExeMeasurement {
+                path: "/usr/bin/daprd".into(),
+                sha256: Some("ab".repeat(32)),
+                size: 9,
+                deleted: false,
+                replaced: false,
+            },
+            argv: vec!["daprd".into(), "--app-id".into(), "orders".into()],
+            flags: DaprFlags {
+                app_id: Some("orders".into()),
+                ..Default::default()
+            },
+            env: EnvMeasurement {
+                namespace: Some("prod".into()),
+                ..Default::default()
+            },
+            files: Vec::new(),
+            config_mtls_enabled: Some(true),
+            uid: 1000,
+            gid: 1000,
+            netns: 4026531840,
+            cgroup: "/".into(),
+            container: None,
+            listeners: Vec::new(),
+            errors: Vec::new(),
+        }
+    }
+
+    fn event(kind: EventKind, body: Record) -> Event {
+        Event {
+            seq: 0,
+            kind,
+            time_unix_ns: 0,
+            body,
+        }
+    }
+
+    #[test]
+    fn bodies_round_trip_deterministically_and_legacy_json_decodes() {
+        let m = sample();
+        let a = measured_body(&m);
+        assert_eq!(a, measured_body(&m));
+        assert_eq!(
+            measurement_of(&event(EventKind::InstanceMeasured, a)).unwrap(),
+            m
+        );
+        let legacy = Record::new().with(TAG_JSON, Value::Str(serde_json::to_string(&m).unwrap()));
+        assert_eq!(
+            measurement_of(&event(EventKind::InstanceMeasured, legacy)).unwrap(),
+            m
+        );
+        let ev = event(EventKind::InstanceMeasured, measured_body(&m));
+        assert_eq!(instance_of(&ev), Some(m.id));
+        let x = exited_body(&m.id);
+        assert_eq!(
+            exited_of(&event(EventKind::InstanceExited, x)).unwrap(),
+            m.id
+        );
+        // Trailing bytes are refused: one value, one encoding.
+        let mut b = postcard::to_allocvec(&m).unwrap();
+        b.push(0);
+        let bad = Record::new().with(TAG_BIN, Value::Bytes(b));
+        assert!(measurement_of(&event(EventKind::InstanceMeasured, bad)).is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_payloads_never_panic(b in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512), s in ".{0,200}") {
+            let bin = event(EventKind::InstanceMeasured, Record::new().with(TAG_BIN, Value::Bytes(b.clone())));
+            let _ = measurement_of(&bin);
+            let _ = exited_of(&event(EventKind::InstanceExited, Record::new().with(TAG_BIN, Value::Bytes(b.clone()))));
+            let _ = anomaly_of(&event(EventKind::Anomaly, Record::new().with(TAG_BIN, Value::Bytes(b))));
+            let _ = measurement_of(&event(EventKind::InstanceMeasured, Record::new().with(TAG_JSON, Value::Str(s))));
+        }
     }
 }

@@ -71,8 +71,12 @@ fn ear_tokens_verify_with_pyjwt_against_the_jwks() {
         .unwrap();
     let good = sample_measurement(10, "orders", &"1".repeat(64), 100);
     let bad = sample_measurement(11, "evil", &"2".repeat(64), 101);
-    state.instances.insert(good.id, std::sync::Arc::new(good.clone()));
-    state.instances.insert(bad.id, std::sync::Arc::new(bad.clone()));
+    state
+        .instances
+        .insert(good.id, std::sync::Arc::new(good.clone()));
+    state
+        .instances
+        .insert(bad.id, std::sync::Arc::new(bad.clone()));
     let jwks = dir.path().join("jwks.json");
     std::fs::write(&jwks, signer.jwks().to_string()).unwrap();
     let script = dir.path().join("verify.py");

@@ -8,7 +8,9 @@
 //! the PCR values; the runtime PCR vouches for the log events that replay to
 //! it; only then are the events' measurements judged against policy.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::Serialize;
 use vouch_proto::event::{self, Event, EventKind};
@@ -181,13 +183,13 @@ impl Verdict {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Reason {
     /// Rule id, e.g. `daprd.digest`, `posture.mtls`, `integrity`.
-    pub rule: String,
+    pub rule: Cow<'static, str>,
     /// Policy that raised it, if any.
-    pub policy: Option<String>,
+    pub policy: Option<Arc<str>>,
     /// What was measured.
     pub measured: String,
     /// What the policy allows.
-    pub expected: String,
+    pub expected: Cow<'static, str>,
     /// Whether the rule held.
     pub ok: bool,
 }
@@ -312,7 +314,14 @@ fn integrity(
     }
     let quoted = runtime_value(ev.pcrs, next.runtime_pcr)
         .ok_or(IntegrityError::RuntimePcrMissing(next.runtime_pcr))?;
-    for (e, d) in &events {
+    // A measurement superseded by a later one of the same instance in this
+    // batch changes nothing in the final state: only the last is decoded.
+    let last_of: std::collections::HashMap<InstanceId, usize> = events
+        .iter()
+        .enumerate()
+        .filter_map(|(i, (e, _))| m::instance_of(e).map(|id| (id, i)))
+        .collect();
+    for (i, (e, d)) in events.iter().enumerate() {
         if e.seq != next.next_seq {
             return Err(IntegrityError::LogDiscontinuity {
                 expected: next.next_seq,
@@ -321,7 +330,10 @@ fn integrity(
         }
         next.pcr = event::extend(&next.pcr, d);
         next.next_seq += 1;
-        apply(&mut next, e);
+        let superseded = m::instance_of(e).is_some_and(|id| last_of.get(&id) != Some(&i));
+        if !superseded {
+            apply(&mut next, e);
+        }
     }
     if next.pcr != quoted {
         return Err(IntegrityError::PcrReplayMismatch {
@@ -434,17 +446,18 @@ pub fn judge(state: &NodeState, meas: &Measurement, policies: &[Policy]) -> Side
         verdict = Verdict::Contraindicated;
     }
     for p in selected {
-        let name = Some(p.metadata.name.clone());
-        let mut rule = |rule: &str, ok: bool, measured: String, expected: String| {
-            reasons.push(Reason {
-                rule: rule.into(),
-                policy: name.clone(),
-                measured,
-                expected,
-                ok,
-            });
-            ok
-        };
+        let name: Option<Arc<str>> = Some(Arc::from(p.metadata.name.as_str()));
+        let mut rule =
+            |rule: &'static str, ok: bool, measured: String, expected: Cow<'static, str>| {
+                reasons.push(Reason {
+                    rule: Cow::Borrowed(rule),
+                    policy: name.clone(),
+                    measured,
+                    expected,
+                    ok,
+                });
+                ok
+            };
         let mut ok = true;
         let s = &p.spec;
         let digest = meas.exe.sha256.clone().unwrap_or_default();
@@ -461,7 +474,8 @@ pub fn judge(state: &NodeState, meas: &Measurement, policies: &[Policy]) -> Side
                     .iter()
                     .map(|t| format!("{} ({})", t.sha256, t.version.as_deref().unwrap_or("?")))
                     .collect::<Vec<_>>()
-                    .join(", "),
+                    .join(", ")
+                    .into(),
             );
         }
         ok &= rule(
@@ -483,7 +497,7 @@ pub fn judge(state: &NodeState, meas: &Measurement, policies: &[Policy]) -> Side
                 "image.digest",
                 s.allowed_images.contains(&img),
                 img,
-                s.allowed_images.join(", "),
+                s.allowed_images.join(", ").into(),
             );
         }
         if !s.allowed_files.is_empty() {
@@ -581,7 +595,7 @@ pub fn judge(state: &NodeState, meas: &Measurement, policies: &[Policy]) -> Side
             "netns.daprd_count",
             same_ns as u32 <= s.max_daprd_per_netns,
             format!("{same_ns} daprd in network namespace {}", meas.netns),
-            format!("at most {}", s.max_daprd_per_netns),
+            format!("at most {}", s.max_daprd_per_netns).into(),
         );
         let foreign: Vec<&Anomaly> = state
             .anomalies
@@ -604,7 +618,8 @@ pub fn judge(state: &NodeState, meas: &Measurement, policies: &[Policy]) -> Side
             format!(
                 "only daprd listens on {:?} and its own ports",
                 s.exclusive_ports
-            ),
+            )
+            .into(),
         );
         if !ok {
             let v = match s.mode {
