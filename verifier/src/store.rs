@@ -234,60 +234,48 @@ fn apply_commit(tx: &rusqlite::Transaction<'_>, op: &CommitOp) -> Result<(), Sto
         op.now_ms,
         &op.audit,
     );
+    // Statements are prepared once per connection (cached); the SQL is
+    // portable (UPSERT works in SQLite and PostgreSQL alike).
     if let Some(st) = state {
         let s = serde_json::to_string(st).map_err(|e| corrupt("node state", e))?;
-        tx.execute(
-            "DELETE FROM node_state WHERE node_id = ?1",
-            params![node.node_id],
-        )?;
-        tx.execute(
-            "INSERT INTO node_state (node_id, state, updated_ms) VALUES (?1, ?2, ?3)",
-            params![node.node_id, s, now_ms as i64],
-        )?;
+        tx.prepare_cached(
+            "INSERT INTO node_state (node_id, state, updated_ms) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (node_id) DO UPDATE SET state = excluded.state, updated_ms = excluded.updated_ms",
+        )?
+        .execute(params![node.node_id, s, now_ms as i64])?;
     }
     let live: Vec<String> = verdicts.iter().map(|v| v.id.to_string()).collect();
-    // Sidecars that are gone lose their verdict row.
-    let mut stmt = tx.prepare("SELECT instance FROM verdicts WHERE node_id = ?1")?;
-    let stored: Vec<String> = stmt
-        .query_map(params![node.node_id], |r| r.get(0))?
+    // Sidecars that are gone lose their verdict row; the previous verdicts
+    // decide what enters the history.
+    let stored: Vec<(String, String)> = tx
+        .prepare_cached("SELECT instance, verdict FROM verdicts WHERE node_id = ?1")?
+        .query_map(params![node.node_id], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<Result<_, _>>()?;
-    drop(stmt);
-    for inst in stored.iter().filter(|i| !live.contains(i)) {
-        tx.execute(
-            "DELETE FROM verdicts WHERE node_id = ?1 AND instance = ?2",
-            params![node.node_id, inst],
-        )?;
+    for (inst, _) in stored.iter().filter(|(i, _)| !live.contains(i)) {
+        tx.prepare_cached("DELETE FROM verdicts WHERE node_id = ?1 AND instance = ?2")?
+            .execute(params![node.node_id, inst])?;
     }
-    for v in verdicts {
-        let inst = v.id.to_string();
+    for (v, inst) in verdicts.iter().zip(&live) {
         let reasons = serde_json::to_string(&v.reasons).map_err(|e| corrupt("reasons", e))?;
-        let prev: Option<String> = tx
-            .query_row(
-                "SELECT verdict FROM verdicts WHERE node_id = ?1 AND instance = ?2",
-                params![node.node_id, inst],
-                |r| r.get(0),
-            )
-            .optional()?;
+        let prev = stored.iter().find(|(i, _)| i == inst).map(|(_, v)| v.as_str());
         let now_v = v.verdict.as_str();
-        if prev.as_deref() != Some(now_v) {
-            tx.execute(
+        if prev != Some(now_v) {
+            tx.prepare_cached(
                 "INSERT INTO verdict_history (node_id, instance, verdict, reasons, at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![node.node_id, inst, now_v, reasons, now_ms as i64],
-            )?;
+            )?
+            .execute(params![node.node_id, inst, now_v, reasons, now_ms as i64])?;
         }
-        tx.execute(
-            "DELETE FROM verdicts WHERE node_id = ?1 AND instance = ?2",
-            params![node.node_id, inst],
-        )?;
-        tx.execute(
-            "INSERT INTO verdicts (node_id, instance, app_id, namespace, verdict, reasons, updated_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![node.node_id, inst, v.app_id, v.namespace, now_v, reasons, now_ms as i64],
-        )?;
+        tx.prepare_cached(
+            "INSERT INTO verdicts (node_id, instance, app_id, namespace, verdict, reasons, updated_ms) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
+             ON CONFLICT (node_id, instance) DO UPDATE SET app_id = excluded.app_id, \
+             namespace = excluded.namespace, verdict = excluded.verdict, \
+             reasons = excluded.reasons, updated_ms = excluded.updated_ms",
+        )?
+        .execute(params![node.node_id, inst, v.app_id, v.namespace, now_v, reasons, now_ms as i64])?;
     }
-    tx.execute(
-        "INSERT INTO audit (at_ms, node_id, detail) VALUES (?1, ?2, ?3)",
-        params![now_ms as i64, node.node_id, audit.to_string()],
-    )?;
+    tx.prepare_cached("INSERT INTO audit (at_ms, node_id, detail) VALUES (?1, ?2, ?3)")?
+        .execute(params![now_ms as i64, node.node_id, audit.to_string()])?;
     Ok(())
 }
 
