@@ -68,6 +68,8 @@ pub struct Pusher {
     pub node_name: String,
     /// Node labels presented at enrollment.
     pub labels: std::collections::BTreeMap<String, String>,
+    /// The challenge the verifier handed out with its last answer.
+    next: Option<vouch_proto::api::Challenge>,
 }
 
 impl std::fmt::Debug for Pusher {
@@ -120,6 +122,7 @@ impl Pusher {
             node_id,
             node_name,
             labels,
+            next: None,
         })
     }
 
@@ -176,16 +179,27 @@ impl Pusher {
     ) -> Result<EvidenceResult, PushError> {
         let node_id = self.node_id.clone().unwrap_or_default();
         let mut c = self.client.clone();
-        let ch = self
-            .rt
-            .block_on(c.get_challenge(ChallengeRequest {
-                node_id: node_id.clone(),
-            }))
-            .map_err(|status| PushError::Rpc {
-                call: "GetChallenge",
-                status,
-            })?
-            .into_inner();
+        // The challenge that came with the last answer, unless it is about
+        // to expire; else ask for one.
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let carried = self.next.take().filter(|c| c.expires_at_ms > now_ms + 1000);
+        let used_carried = carried.is_some();
+        let ch = match carried {
+            Some(ch) => ch,
+            None => self
+                .rt
+                .block_on(c.get_challenge(ChallengeRequest {
+                    node_id: node_id.clone(),
+                }))
+                .map_err(|status| PushError::Rpc {
+                    call: "GetChallenge",
+                    status,
+                })?
+                .into_inner(),
+        };
         let mut pcrs = vouch_proto::BOOT_PCRS.to_vec();
         pcrs.push(pcr.index);
         let q = pcr.tpm.quote(&pcr.ak, &ch.nonce, &pcrs)?;
@@ -208,14 +222,23 @@ impl Pusher {
                 LogState::Intact
             } as i32,
         };
-        let res = self
-            .rt
-            .block_on(c.push_evidence(ev))
-            .map_err(|status| PushError::Rpc {
-                call: "PushEvidence",
-                status,
-            })?
-            .into_inner();
+        let res = match self.rt.block_on(c.push_evidence(ev)) {
+            Ok(r) => r.into_inner(),
+            // A carried challenge the verifier no longer knows (it
+            // restarted): a stale nonce changes nothing there, so ask for
+            // a fresh challenge and push again, once.
+            Err(status) if used_carried && status.code() == tonic::Code::FailedPrecondition => {
+                tracing::debug!(%status, "carried challenge refused; fetching a fresh one");
+                return self.push(pcr, log);
+            }
+            Err(status) => {
+                return Err(PushError::Rpc {
+                    call: "PushEvidence",
+                    status,
+                })
+            }
+        };
+        self.next = res.next.clone();
         Ok(res)
     }
 }

@@ -161,6 +161,8 @@ struct Node {
     integrity_ok: bool,
     /// Credential session (handed out with accepted evidence).
     session: Option<[u8; 32]>,
+    /// The last nonce consumed (a replay of it is named as such).
+    last_nonce: Option<[u8; 32]>,
 }
 
 enum WriteOp {
@@ -355,6 +357,7 @@ impl Verifier {
                     verdicts: Vec::new(),
                     integrity_ok: true,
                     session: None,
+                    last_nonce: None,
                 },
             );
         }
@@ -554,6 +557,7 @@ impl Verifier {
                 verdicts: Vec::new(),
                 integrity_ok: true,
                 session: None,
+                last_nonce: None,
             },
         );
         Ok((EnrollmentResult { node_id: id }, ack))
@@ -566,6 +570,11 @@ impl Verifier {
             .nodes
             .get_mut(&r.node_id)
             .ok_or_else(|| ServiceError::UnknownNode(r.node_id.clone()))?;
+        Ok(self.issue_nonce(n, nonce))
+    }
+
+    /// Issues `nonce` as the node's one outstanding challenge.
+    fn issue_nonce(&self, n: &mut Node, nonce: [u8; 32]) -> Challenge {
         let expires = now_ms() + self.settings.nonce_ttl.as_millis() as u64;
         n.nonce = Some(IssuedNonce {
             nonce,
@@ -573,14 +582,14 @@ impl Verifier {
             used: false,
         });
         let (reset, restart) = n.state.boot.unwrap_or((0, 0));
-        Ok(Challenge {
+        Challenge {
             nonce: nonce.to_vec(),
             expires_at_ms: expires,
             next_seq: n.state.next_seq,
             boot_known: n.state.boot.is_some(),
             boot_reset_count: reset,
             boot_restart_count: restart,
-        })
+        }
     }
 
     #[allow(clippy::type_complexity)]
@@ -622,17 +631,42 @@ impl Verifier {
                 })
             })
             .collect::<Result<_, ServiceError>>()?;
+        let next_nonce = random32()?;
         let mut guard = self.lock()?;
         let g = &mut *guard;
         let n = g
             .nodes
             .get_mut(&e.node_id)
             .ok_or_else(|| ServiceError::UnknownNode(e.node_id.clone()))?;
-        let nonce_check = check_nonce(n.nonce.as_ref(), &e.nonce, now_ms());
+        let mut nonce_check = check_nonce(n.nonce.as_ref(), &e.nonce, now_ms());
+        if matches!(nonce_check, Err(IntegrityError::NonceUnknown))
+            && n.last_nonce
+                .is_some_and(|l| l.as_slice() == e.nonce.as_slice())
+        {
+            // The answer to it already carried the next challenge.
+            nonce_check = Err(IntegrityError::NonceReused);
+        }
         if let Some(issued) = n.nonce.as_mut() {
             if issued.nonce.as_slice() == e.nonce.as_slice() {
                 issued.used = true;
+                n.last_nonce = Some(issued.nonce);
             }
+        }
+        if let Err(err) = nonce_check {
+            // Evidence that is not fresh says nothing about the node now
+            // (it may be an attacker's replay, or a challenge from before a
+            // verifier restart): refused and audited, verdicts unchanged.
+            g.writer.send(
+                WriteOp::Commit(CommitOp {
+                    node: n.record.clone(),
+                    state: None,
+                    verdicts: n.verdicts.clone(),
+                    now_ms: now_ms(),
+                    audit: serde_json::json!({"event": "evidence refused", "reason": err.to_string()}),
+                }),
+                false,
+            );
+            return Err(err.into());
         }
         let ev = crate::appraise::Evidence {
             nonce: &e.nonce,
@@ -688,6 +722,7 @@ impl Verifier {
             // refusing is already the safe answer).
             return Err(e.into());
         }
+        let next = self.issue_nonce(n, next_nonce);
         let result = EvidenceResult {
             next_seq: n.state.next_seq,
             sidecars: a
@@ -696,6 +731,7 @@ impl Verifier {
                 .map(|v| self.status_of_verdict(v))
                 .collect(),
             session: n.session.map(|s| s.to_vec()).unwrap_or_default(),
+            next: Some(next),
         };
         Ok((result, ack))
     }

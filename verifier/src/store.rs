@@ -257,7 +257,10 @@ fn apply_commit(tx: &rusqlite::Transaction<'_>, op: &CommitOp) -> Result<(), Sto
     }
     for (v, inst) in verdicts.iter().zip(&live) {
         let reasons = serde_json::to_string(&v.reasons).map_err(|e| corrupt("reasons", e))?;
-        let prev = stored.iter().find(|(i, _)| i == inst).map(|(_, v)| v.as_str());
+        let prev = stored
+            .iter()
+            .find(|(i, _)| i == inst)
+            .map(|(_, v)| v.as_str());
         let now_v = v.verdict.as_str();
         if prev != Some(now_v) {
             tx.prepare_cached(
