@@ -99,3 +99,49 @@ pub fn seed(dir: &std::path::Path, nodes: &[SimNode]) {
         .unwrap();
     }
 }
+
+/// Gives every seeded node a continuation state with `instances` current
+/// daprd measurements (what a busy node's state costs in memory).
+pub fn seed_state(dir: &std::path::Path, nodes: &[SimNode], instances: u32) {
+    use std::sync::Arc;
+    use vouch_verifier::simnode::sample_measurement;
+    use vouch_verifier::store::{CommitOp, StoredState};
+    let mut st = SqliteStore::open(&dir.join("state.db")).unwrap();
+    let ops: Vec<CommitOp> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let ek = n.ek.marshal();
+            CommitOp {
+                node: NodeRecord {
+                    node_id: ek_id(&ek),
+                    name: format!("sim-{i}"),
+                    labels: BTreeMap::new(),
+                    ek_public: hex::encode(&ek),
+                    ak_public: hex::encode(n.ak.marshal()),
+                    trust: "LoadGenerator".into(),
+                    enrolled_unix: 0,
+                },
+                state: Some(StoredState {
+                    boot: Some((1, 0)),
+                    runtime_pcr: 13,
+                    next_seq: u64::from(instances) + 1,
+                    pcr: "00".repeat(32),
+                    integrity_lost: None,
+                    instances: (0..instances)
+                        .map(|k| {
+                            Arc::new(sample_measurement(100 + k, &format!("app-{k}"), &"1".repeat(64), 4026531840 + u64::from(k)))
+                        })
+                        .collect(),
+                    anomalies: Vec::new(),
+                }),
+                verdicts: Vec::new(),
+                now_ms: 0,
+                audit: serde_json::json!({"event": "seeded by load generator"}),
+            }
+        })
+        .collect();
+    for chunk in ops.chunks(5000) {
+        st.commit_batch(chunk).unwrap();
+    }
+}
