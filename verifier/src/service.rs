@@ -28,7 +28,7 @@ use crate::ca::IssuingCa;
 use crate::ear::EarSigner;
 use crate::enroll::{self, EkTrust, EnrollError};
 use crate::policy::Policy;
-use crate::store::{CommitOp, NodeRecord, Store, StoreError, StoredState};
+use crate::store::{CommitOp, NodeRecord, Store, StoreError, StoredState, VerdictWrite};
 
 /// Most events accepted in one evidence message.
 pub const MAX_EVENTS: usize = 10_000;
@@ -155,8 +155,9 @@ struct Node {
     last_ok_ms: u64,
     /// Sidecars were contraindicated for silence since then.
     stale: bool,
-    /// The latest verdicts (what the operator API and EARs serve).
-    verdicts: Vec<crate::appraise::SidecarVerdict>,
+    /// The latest verdicts (what the operator API and EARs serve), shared
+    /// with the commit that made them durable.
+    verdicts: Arc<Vec<crate::appraise::SidecarVerdict>>,
     /// The last evidence held integrity.
     integrity_ok: bool,
     /// Credential session (handed out with accepted evidence).
@@ -354,7 +355,7 @@ impl Verifier {
                     // A restarted verifier gives every node a full window.
                     last_ok_ms: now_ms(),
                     stale: false,
-                    verdicts: Vec::new(),
+                    verdicts: Arc::default(),
                     integrity_ok: true,
                     session: None,
                     last_nonce: None,
@@ -397,7 +398,7 @@ impl Verifier {
                 last_ms: n.last_ok_ms,
                 limit_ms,
             };
-            let verdicts: Vec<_> = n
+            let verdicts: Arc<Vec<_>> = n
                 .state
                 .instances
                 .values()
@@ -415,13 +416,15 @@ impl Verifier {
                     }],
                     response: crate::policy::Response::None,
                 })
-                .collect();
+                .collect::<Vec<_>>()
+                .into();
             let audit = serde_json::json!({"event": "stale", "last_ok_ms": n.last_ok_ms, "limit_ms": limit_ms});
             g.writer.send(
                 WriteOp::Commit(CommitOp {
                     node: n.record.clone(),
                     state: None,
                     verdicts: verdicts.clone(),
+                    write: VerdictWrite::Full,
                     now_ms: now,
                     audit,
                 }),
@@ -445,7 +448,7 @@ impl Verifier {
             Ok(g) => g
                 .nodes
                 .values()
-                .map(|n| (n.record.clone(), n.verdicts.clone()))
+                .map(|n| (n.record.clone(), n.verdicts.to_vec()))
                 .collect(),
             Err(_) => Vec::new(),
         }
@@ -554,7 +557,7 @@ impl Verifier {
                 nonce: None,
                 last_ok_ms: now_ms(),
                 stale: false,
-                verdicts: Vec::new(),
+                verdicts: Arc::default(),
                 integrity_ok: true,
                 session: None,
                 last_nonce: None,
@@ -661,6 +664,7 @@ impl Verifier {
                     node: n.record.clone(),
                     state: None,
                     verdicts: n.verdicts.clone(),
+                    write: VerdictWrite::AuditOnly,
                     now_ms: now_ms(),
                     audit: serde_json::json!({"event": "evidence refused", "reason": err.to_string()}),
                 }),
@@ -676,35 +680,44 @@ impl Verifier {
             events: &e.events,
             log_integrity_lost: e.log_state == LogState::IntegrityLost as i32,
         };
-        let a = appraise(&n.state, &ev, nonce_check, &g.policies);
+        let mut a = appraise(&n.state, &ev, nonce_check, &g.policies);
         let accepted = a.integrity.is_ok();
-        let stored = accepted.then(|| StoredState::of(&a.state));
+        // Without new events an accepted state is the stored one (a new
+        // boot or lost integrity both need events or refuse).
+        let stored = (accepted && !e.events.is_empty()).then(|| StoredState::of(&a.state));
+        let verdicts = Arc::new(std::mem::take(&mut a.verdicts));
+        let unchanged = *verdicts == *n.verdicts;
         let audit = serde_json::json!({
             "event": "appraisal",
             "integrity": match &a.integrity { Ok(()) => serde_json::Value::String("ok".into()), Err(e) => serde_json::to_value(e).unwrap_or_default() },
-            "verdicts": a.verdicts.iter().map(|v| serde_json::json!({"instance": v.id.to_string(), "app_id": v.app_id, "verdict": v.verdict.as_str()})).collect::<Vec<_>>(),
+            "verdicts": verdicts.iter().map(|v| serde_json::json!({"instance": v.id.to_string(), "app_id": v.app_id, "verdict": v.verdict.as_str()})).collect::<Vec<_>>(),
         });
         // Group commit; a verdict change is durable before we answer.
-        let changed = n.verdicts.len() != a.verdicts.len()
+        let changed = n.verdicts.len() != verdicts.len()
             || n.verdicts
                 .iter()
-                .zip(&a.verdicts)
+                .zip(verdicts.iter())
                 .any(|(x, y)| x.id != y.id || x.verdict != y.verdict);
         let ack = g.writer.send(
             WriteOp::Commit(CommitOp {
                 node: n.record.clone(),
                 state: stored,
-                verdicts: a.verdicts.clone(),
+                verdicts: verdicts.clone(),
+                write: if unchanged {
+                    VerdictWrite::Refresh
+                } else {
+                    VerdictWrite::Full
+                },
                 now_ms: now_ms(),
                 audit,
             }),
             changed,
         );
-        for v in &a.verdicts {
+        for v in verdicts.iter() {
             tracing::info!(node = %n.record.name, instance = %v.id, app_id = ?v.app_id, verdict = v.verdict.as_str(), "sidecar verdict");
         }
-        self.emit_changes(&n.record, &n.verdicts, &a.verdicts, now_ms());
-        n.verdicts = a.verdicts.clone();
+        self.emit_changes(&n.record, &n.verdicts, &verdicts, now_ms());
+        n.verdicts = verdicts.clone();
         n.integrity_ok = accepted;
         if accepted {
             n.state = a.state;
@@ -725,11 +738,7 @@ impl Verifier {
         let next = self.issue_nonce(n, next_nonce);
         let result = EvidenceResult {
             next_seq: n.state.next_seq,
-            sidecars: a
-                .verdicts
-                .iter()
-                .map(|v| self.status_of_verdict(v))
-                .collect(),
+            sidecars: verdicts.iter().map(|v| self.status_of_verdict(v)).collect(),
             session: n.session.map(|s| s.to_vec()).unwrap_or_default(),
             next: Some(next),
         };

@@ -120,6 +120,18 @@ pub struct VerdictRow {
     pub updated_ms: u64,
 }
 
+/// How a commit writes the node's verdicts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VerdictWrite {
+    /// Verdict rows, history of changes and all.
+    Full,
+    /// Same verdicts and reasons as the previous commit: only their
+    /// freshness (`updated_ms`).
+    Refresh,
+    /// Nothing about verdicts (refused, stale evidence): audit only.
+    AuditOnly,
+}
+
 /// One accepted appraisal (or staleness decision) to make durable.
 #[derive(Debug, Clone)]
 pub struct CommitOp {
@@ -128,7 +140,9 @@ pub struct CommitOp {
     /// New continuation state (None: unchanged).
     pub state: Option<StoredState>,
     /// The node's sidecar verdicts now.
-    pub verdicts: Vec<SidecarVerdict>,
+    pub verdicts: std::sync::Arc<Vec<SidecarVerdict>>,
+    /// How much of `verdicts` to write.
+    pub write: VerdictWrite,
     /// Time of the decision.
     pub now_ms: u64,
     /// Audit record.
@@ -244,6 +258,15 @@ fn apply_commit(tx: &rusqlite::Transaction<'_>, op: &CommitOp) -> Result<(), Sto
         )?
         .execute(params![node.node_id, s, now_ms as i64])?;
     }
+    if op.write != VerdictWrite::Full {
+        if op.write == VerdictWrite::Refresh {
+            tx.prepare_cached("UPDATE verdicts SET updated_ms = ?1 WHERE node_id = ?2")?
+                .execute(params![now_ms as i64, node.node_id])?;
+        }
+        tx.prepare_cached("INSERT INTO audit (at_ms, node_id, detail) VALUES (?1, ?2, ?3)")?
+            .execute(params![now_ms as i64, node.node_id, audit.to_string()])?;
+        return Ok(());
+    }
     let live: Vec<String> = verdicts.iter().map(|v| v.id.to_string()).collect();
     // Sidecars that are gone lose their verdict row; the previous verdicts
     // decide what enters the history.
@@ -345,7 +368,8 @@ impl Store for SqliteStore {
         self.commit_batch(&[CommitOp {
             node: node.clone(),
             state: state.cloned(),
-            verdicts: verdicts.to_vec(),
+            verdicts: std::sync::Arc::new(verdicts.to_vec()),
+            write: VerdictWrite::Full,
             now_ms,
             audit: audit.clone(),
         }])

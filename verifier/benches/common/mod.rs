@@ -130,12 +130,18 @@ pub fn seed_state(dir: &std::path::Path, nodes: &[SimNode], instances: u32) {
                     integrity_lost: None,
                     instances: (0..instances)
                         .map(|k| {
-                            Arc::new(sample_measurement(100 + k, &format!("app-{k}"), &"1".repeat(64), 4026531840 + u64::from(k)))
+                            Arc::new(sample_measurement(
+                                100 + k,
+                                &format!("app-{k}"),
+                                &"1".repeat(64),
+                                4026531840 + u64::from(k),
+                            ))
                         })
                         .collect(),
                     anomalies: Vec::new(),
                 }),
-                verdicts: Vec::new(),
+                verdicts: Default::default(),
+                write: vouch_verifier::store::VerdictWrite::Full,
                 now_ms: 0,
                 audit: serde_json::json!({"event": "seeded by load generator"}),
             }
