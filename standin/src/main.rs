@@ -259,6 +259,12 @@ async fn sentry_loop(path: std::path::PathBuf, app_id: String, sentry_id: String
         };
         let wait = match attempt.await {
             Ok((key, r)) => {
+                if let Some(n) = std::env::var("STANDIN_SENTRY_BURST")
+                    .ok()
+                    .and_then(|v| v.parse::<usize>().ok())
+                {
+                    sentry_burst(&path, &anchors, &sentry_id, &id, &ns, n).await;
+                }
                 let until = r.valid_until.map_or(0, |t| t.seconds.max(0) as u64);
                 let leaf =
                     vouch_standin::pem_certs(&String::from_utf8_lossy(&r.workload_certificate));
@@ -347,4 +353,57 @@ async fn workload_loop(path: std::path::PathBuf, retry: Duration) {
         report(serde_json::json!({"event": "stream_end", "code": code, "message": message}));
         tokio::time::sleep(retry).await;
     }
+}
+
+/// Benchmark mode (`STANDIN_SENTRY_BURST=N`): N SignCertificate calls, 32
+/// in flight over one connection, as fast as they are answered; reports
+/// {"event": "burst", "ok", "denied", "secs"}.
+async fn sentry_burst(
+    path: &std::path::Path,
+    anchors: &str,
+    sentry_id: &str,
+    id: &str,
+    ns: &str,
+    n: usize,
+) {
+    use vouch_proto::sentry::SignCertificateRequest;
+    let Ok((_, csr)) = vouch_standin::ed25519_csr() else {
+        return;
+    };
+    let Ok(ch) = vouch_standin::sentry_channel(path, anchors, sentry_id).await else {
+        return;
+    };
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let t0 = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..32 {
+        let (ch, next, csr) = (ch.clone(), next.clone(), csr.clone());
+        let req = SignCertificateRequest {
+            id: id.to_owned(),
+            namespace: ns.to_owned(),
+            trust_domain: "public".into(),
+            certificate_signing_request: csr,
+            ..Default::default()
+        };
+        tasks.push(tokio::spawn(async move {
+            let (mut ok, mut denied) = (0usize, 0usize);
+            while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < n {
+                match vouch_standin::sign_certificate(ch.clone(), req.clone()).await {
+                    Ok(_) => ok += 1,
+                    Err(_) => denied += 1,
+                }
+            }
+            (ok, denied)
+        }));
+    }
+    let (mut ok, mut denied) = (0, 0);
+    for t in tasks {
+        if let Ok((o, d)) = t.await {
+            ok += o;
+            denied += d;
+        }
+    }
+    report(
+        serde_json::json!({"event": "burst", "ok": ok, "denied": denied, "secs": t0.elapsed().as_secs_f64()}),
+    );
 }
