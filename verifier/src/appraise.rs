@@ -316,11 +316,21 @@ fn integrity(
         .ok_or(IntegrityError::RuntimePcrMissing(next.runtime_pcr))?;
     // A measurement superseded by a later one of the same instance in this
     // batch changes nothing in the final state: only the last is decoded.
-    let last_of: std::collections::HashMap<InstanceId, usize> = events
-        .iter()
-        .enumerate()
-        .filter_map(|(i, (e, _))| m::instance_of(e).map(|id| (id, i)))
-        .collect();
+    let ids: Vec<Option<InstanceId>> = events.iter().map(|(e, _)| m::instance_of(e)).collect();
+    let mut superseded = vec![false; ids.len()];
+    if ids.len() <= 32 {
+        // Heartbeats carry a few events: a scan beats hashing.
+        for (i, id) in ids.iter().enumerate() {
+            superseded[i] = id.is_some() && ids[i + 1..].contains(id);
+        }
+    } else {
+        let mut seen = std::collections::HashSet::new();
+        for (i, id) in ids.iter().enumerate().rev() {
+            if let Some(id) = id {
+                superseded[i] = !seen.insert(*id);
+            }
+        }
+    }
     for (i, (e, d)) in events.iter().enumerate() {
         if e.seq != next.next_seq {
             return Err(IntegrityError::LogDiscontinuity {
@@ -330,8 +340,7 @@ fn integrity(
         }
         next.pcr = event::extend(&next.pcr, d);
         next.next_seq += 1;
-        let superseded = m::instance_of(e).is_some_and(|id| last_of.get(&id) != Some(&i));
-        if !superseded {
+        if !superseded[i] {
             apply(&mut next, e);
         }
     }

@@ -353,3 +353,31 @@ proptest! {
         let _ = r.push(&[policy("enforce")]);
     }
 }
+
+#[test]
+fn only_the_last_measurement_of_an_instance_in_a_batch_counts() {
+    let p = [policy("enforce")];
+    for batch in [3usize, 40] {
+        let mut r = Run::new();
+        // Alternating app-ids for the same two instances; the last of each
+        // wins, whatever the batch size (small batches scan, large hash).
+        for k in 0..batch {
+            for pid in [10u32, 11] {
+                let mut m =
+                    sample_measurement(pid, &format!("app-{k}"), GOOD_DAPRD, 100 + u64::from(pid));
+                m.id.start_time = 1000 + u64::from(pid);
+                r.node.measure(&m);
+            }
+        }
+        let a = r.push(&p);
+        assert!(a.integrity.is_ok(), "{:?}", a.integrity);
+        let apps: Vec<_> = a
+            .state
+            .instances
+            .values()
+            .map(|m| m.flags.app_id.clone().unwrap())
+            .collect();
+        let last = format!("app-{}", batch - 1);
+        assert_eq!(apps, vec![last.clone(), last], "batch of {batch}");
+    }
+}
