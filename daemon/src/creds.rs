@@ -398,13 +398,19 @@ impl Creds {
                     session: r.session.clone(),
                 });
             }
+            let mut cleared = false;
             for i in g.instances.values_mut() {
                 if i.pending_seq.is_some_and(|s| s < r.next_seq) {
                     i.pending_seq = None;
+                    cleared = true;
                 }
             }
+            drop(g);
+            if !self.apply(&r.sidecars) && cleared {
+                // Waiters for these appraisals: the verdicts stand.
+                self.bump();
+            }
         }
-        self.apply(&r.sidecars);
     }
 
     /// The verifier refused our evidence or is gone: everything withdrawn
@@ -422,22 +428,41 @@ impl Creds {
     }
 
     /// Applies the verifier's verdicts; withdraws from every instance that
-    /// is not affirmed any more.
-    pub fn apply(&self, sidecars: &[SidecarStatus]) {
+    /// is not affirmed any more, and carries out the policy's response for
+    /// instances that just turned contraindicated. Returns whether any
+    /// verdict changed (nothing is woken otherwise).
+    pub fn apply(&self, sidecars: &[SidecarStatus]) -> bool {
+        let mut actions = Vec::new();
+        let mut changed = false;
         {
             let mut g = self.lock();
             for i in g.instances.values_mut() {
-                i.status = sidecars
+                let new = sidecars
                     .iter()
                     .find(|s| s.pid == i.id.pid && s.start_time == i.id.start_time)
                     .cloned();
+                if new == i.status {
+                    continue;
+                }
+                changed = true;
+                if let Some(s) = &new {
+                    if !s.response.is_empty() && s.verdict == "contraindicated" {
+                        actions.push((i.id, s.response.clone()));
+                    }
+                }
+                i.status = new;
             }
         }
-        self.withdraw_unaffirmed();
+        if changed {
+            self.withdraw_unaffirmed();
+        }
+        for (id, response) in actions {
+            respond(id, &response);
+        }
+        changed
     }
 
     fn withdraw_unaffirmed(&self) {
-        let mut actions = Vec::new();
         let mut tokens = Vec::new();
         {
             let mut g = self.lock();
@@ -456,19 +481,11 @@ impl Creds {
                         t.expires_at = 0;
                     }
                 }
-                if let Some(s) = &i.status {
-                    if !s.response.is_empty() && s.verdict == "contraindicated" {
-                        actions.push((i.id, s.response.clone()));
-                    }
-                }
             }
         }
         self.bump();
         for (id, dir, path) in tokens {
             remove_token(id, dir.as_ref(), &path);
-        }
-        for (id, response) in actions {
-            respond(id, &response);
         }
     }
 

@@ -436,7 +436,7 @@ impl Verifier {
             n.stale = true;
             n_stale += 1;
             if let Some(tx) = g.watchers.get(&n.record.node_id) {
-                tx.send_replace(Arc::new(self.update_of(n)));
+                send_if_changed(tx, self.update_of(n));
             }
         }
         Ok(n_stale)
@@ -798,6 +798,19 @@ impl Attestation for Verifier {
     }
 }
 
+/// Wakes a node's Watch streams only when what they would see changed
+/// (heartbeats that change nothing send nothing).
+fn send_if_changed(tx: &tokio::sync::watch::Sender<Arc<TrustUpdate>>, u: TrustUpdate) {
+    tx.send_if_modified(|cur| {
+        if **cur == u {
+            false
+        } else {
+            *cur = Arc::new(u);
+            true
+        }
+    });
+}
+
 fn same_secret(a: &[u8], b: &[u8; 32]) -> bool {
     a.len() == 32 && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
@@ -901,7 +914,7 @@ impl Verifier {
     pub fn notify(&self, node_id: &str) {
         let Ok(g) = self.inner.lock() else { return };
         if let (Some(tx), Some(n)) = (g.watchers.get(node_id), g.nodes.get(node_id)) {
-            tx.send_replace(Arc::new(self.update_of(n)));
+            send_if_changed(tx, self.update_of(n));
         }
     }
 
@@ -918,7 +931,7 @@ impl Verifier {
             let g = self.lock()?;
             for (id, tx) in &g.watchers {
                 if let Some(n) = g.nodes.get(id) {
-                    tx.send_replace(Arc::new(self.update_of(n)));
+                    send_if_changed(tx, self.update_of(n));
                 }
             }
         }
