@@ -7,7 +7,8 @@
 //! is the point of it). Reports evidence/s, p50/p99 latency of
 //! challenge+push, and the verifier's memory per enrolled node.
 //! Run: `cargo bench -p vouch-verifier --bench load`
-//! (VOUCH_LOAD_NODES, VOUCH_LOAD_SECS, VOUCH_LOAD_CONCURRENCY, VOUCH_LOAD_MEMNODES).
+//! (VOUCH_LOAD_NODES, VOUCH_LOAD_SECS, VOUCH_LOAD_CONCURRENCY,
+//! VOUCH_LOAD_CONNECTIONS, VOUCH_LOAD_MEMNODES).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // bench binary
 
 use std::sync::Arc;
@@ -67,13 +68,23 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let channel = rt.block_on(async {
-        vouch_proto::client::verifier_endpoint(&format!("https://127.0.0.1:{}", v.port), &ca)
-            .unwrap()
-            .connect()
-            .await
-            .unwrap()
-    });
+    // Nodes hold their own connections; the generator spreads its
+    // simulated nodes over VOUCH_LOAD_CONNECTIONS TLS connections.
+    let conns = env("VOUCH_LOAD_CONNECTIONS", 16);
+    let channels: Vec<_> = (0..conns)
+        .map(|_| {
+            rt.block_on(async {
+                vouch_proto::client::verifier_endpoint(
+                    &format!("https://127.0.0.1:{}", v.port),
+                    &ca,
+                )
+                .unwrap()
+                .connect()
+                .await
+                .unwrap()
+            })
+        })
+        .collect();
     type Slot = (SimNode, u64, Option<vouch_proto::api::Challenge>);
     let nodes: Vec<Arc<tokio::sync::Mutex<Slot>>> = nodes
         .into_iter()
@@ -111,7 +122,7 @@ fn main() {
         let mut tasks = Vec::new();
         for w in 0..conc {
             let nodes = nodes.clone();
-            let mut client = AttestationClient::new(channel.clone());
+            let mut client = AttestationClient::new(channels[w % conns].clone());
             tasks.push(tokio::spawn(async move {
                 let (mut lat, mut ok, mut errs) = (Vec::new(), 0u64, 0u64);
                 let mut i = w;
