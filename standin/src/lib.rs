@@ -281,3 +281,76 @@ pub fn split_der(mut b: &[u8]) -> Vec<Vec<u8>> {
     }
     out
 }
+
+/// HPACK "literal header field without indexing, new name" (RFC 7541
+/// 6.2.2) for short names and values.
+fn hpack_literal(out: &mut Vec<u8>, name: &str, value: &str) {
+    out.push(0x00);
+    out.push(name.len() as u8);
+    out.extend_from_slice(name.as_bytes());
+    out.push(value.len() as u8);
+    out.extend_from_slice(value.as_bytes());
+}
+
+fn h2_frame(out: &mut Vec<u8>, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+    let len = payload.len() as u32;
+    out.extend_from_slice(&len.to_be_bytes()[1..]);
+    out.push(kind);
+    out.push(flags);
+    out.extend_from_slice(&stream.to_be_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// A whole gRPC call `/SpiffeWorkloadAPI/FetchX509SVID` (empty request,
+/// security header set) as raw HTTP/2 bytes: connection preface, SETTINGS,
+/// HEADERS and one DATA frame ending the stream. For tests that must send a
+/// request and then hand the connection to another process.
+pub fn raw_fetch_x509svid() -> Vec<u8> {
+    let mut headers = Vec::new();
+    for (n, v) in [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", "/SpiffeWorkloadAPI/FetchX509SVID"),
+        (":authority", "localhost"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+        ("workload.spiffe.io", "true"),
+    ] {
+        hpack_literal(&mut headers, n, v);
+    }
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    h2_frame(&mut out, 0x4, 0, 0, &[]);
+    h2_frame(&mut out, 0x1, 0x4, 1, &headers);
+    h2_frame(&mut out, 0x0, 0x1, 1, &[0, 0, 0, 0, 0]);
+    out
+}
+
+/// Reads HTTP/2 frames from `s` until stream 1 carries a DATA frame (a
+/// gRPC message: credentials were sent) or ends without one (refused), or
+/// the connection ends. Returns whether a message arrived.
+pub fn raw_read_answer(s: &mut std::os::unix::net::UnixStream) -> std::io::Result<bool> {
+    use std::io::{Read, Write};
+    loop {
+        let mut h = [0u8; 9];
+        if s.read_exact(&mut h).is_err() {
+            return Ok(false);
+        }
+        let len = (usize::from(h[0]) << 16) | (usize::from(h[1]) << 8) | usize::from(h[2]);
+        let (kind, flags) = (h[3], h[4]);
+        let stream = u32::from_be_bytes([h[5] & 0x7f, h[6], h[7], h[8]]);
+        let mut payload = vec![0u8; len];
+        s.read_exact(&mut payload)?;
+        match (kind, stream) {
+            // SETTINGS from the server: acknowledge.
+            (0x4, 0) if flags & 0x1 == 0 => {
+                let mut ack = Vec::new();
+                h2_frame(&mut ack, 0x4, 0x1, 0, &[]);
+                s.write_all(&ack)?;
+            }
+            (0x0, 1) if !payload.is_empty() => return Ok(true),
+            (0x1, 1) | (0x0, 1) if flags & 0x1 != 0 => return Ok(false),
+            (0x3, 1) => return Ok(false),
+            _ => {}
+        }
+    }
+}

@@ -136,6 +136,9 @@ fn main() {
             }
         });
     }
+    if let Ok(sock) = std::env::var("STANDIN_RAW_WORKLOAD") {
+        std::thread::spawn(move || raw_handoff(&sock));
+    }
     let sentry =
         one(get("sentry-address")).and_then(|a| a.strip_prefix("unix://").map(str::to_owned));
     let workload = std::env::var("STANDIN_WORKLOAD_SOCKET").ok();
@@ -406,4 +409,39 @@ async fn sentry_burst(
     report(
         serde_json::json!({"event": "burst", "ok": ok, "denied": denied, "secs": t0.elapsed().as_secs_f64()}),
     );
+}
+
+/// Test mode for the pid-reuse race (`STANDIN_RAW_WORKLOAD=SOCKET`): once
+/// `STANDIN_GO` exists, send a complete Workload API FetchX509SVID request
+/// as raw HTTP/2 frames, hand the connection to `STANDIN_HANDOFF_TO
+/// raw-read STANDIN_RAW_OUT` (which reads whatever answer comes), wait
+/// 300 ms (vouchd identifies this process meanwhile) and exit, so the pid
+/// is free while vouchd is still working on the answer.
+fn raw_handoff(sock: &str) {
+    use std::io::Write;
+    let (Ok(go), Ok(to), Ok(out)) = (
+        std::env::var("STANDIN_GO"),
+        std::env::var("STANDIN_HANDOFF_TO"),
+        std::env::var("STANDIN_RAW_OUT"),
+    ) else {
+        return;
+    };
+    while !std::path::Path::new(&go).exists() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let Ok(mut s) = std::os::unix::net::UnixStream::connect(sock) else {
+        return;
+    };
+    if s.write_all(&vouch_standin::raw_fetch_x509svid()).is_err() {
+        return;
+    }
+    let Ok(dup) = s.try_clone() else { return };
+    let spawned = std::process::Command::new(to)
+        .args(["raw-read", &out])
+        .stdin(std::os::fd::OwnedFd::from(dup))
+        .spawn();
+    if spawned.is_ok() {
+        std::thread::sleep(Duration::from_millis(300));
+        std::process::exit(0);
+    }
 }

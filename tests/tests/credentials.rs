@@ -888,3 +888,84 @@ fn a_ca_rollover_reaches_callers_with_old_and_new_ca_in_the_bundle() {
         "SVIDs from both CA generations: {issuers:?}"
     );
 }
+
+#[test]
+fn a_caller_gone_between_identification_and_reply_gets_nothing() {
+    let Some(mut env) = Env::new() else { return };
+    let dir = env.dir();
+    let (go, out) = (dir.join("go"), dir.join("answer"));
+    let ns = Netns::new().unwrap();
+    let client = workspace_bin("vouch-client").unwrap();
+    // An affirmed daprd that will send a Workload API request, hand the
+    // connection to a child and exit while vouchd works on the answer.
+    let mut caller = env.standin_env(
+        &ns,
+        "orders",
+        &[],
+        &[
+            (
+                "STANDIN_RAW_WORKLOAD",
+                env.workload_socket().to_str().unwrap(),
+            ),
+            ("STANDIN_GO", go.to_str().unwrap()),
+            ("STANDIN_HANDOFF_TO", client.to_str().unwrap()),
+            ("STANDIN_RAW_OUT", out.to_str().unwrap()),
+        ],
+    );
+    let pid = caller.pid();
+    wait_verdict(&env.db(), pid, "affirming");
+    // Hold the answer: the verifier (which must sign) is stopped.
+    let vpid = env.verifier.as_ref().unwrap().pid().to_string();
+    run_ok(Command::new("kill").args(["-STOP", &vpid])).unwrap();
+    std::fs::write(&go, "").unwrap();
+    // vouchd identifies the live, affirmed caller; then the caller exits.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !caller.exited() {
+        assert!(Instant::now() < deadline, "caller did not exit");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Force the race: another process takes the caller's pid.
+    let reuser = spawn_at_pid(pid, || {
+        vouch_tests::proc::Owned::new(
+            "pid reuser",
+            Command::new("sleep").arg("30").spawn().unwrap(),
+        )
+    });
+    let resume = || {
+        let _ = Command::new("kill").args(["-CONT", &vpid]).status();
+    };
+    let Some(_reuser) = reuser else {
+        resume();
+        assert!(
+            std::env::var("CI").is_err(),
+            "cannot force pid reuse (needs root for /proc/sys/kernel/ns_last_pid)"
+        );
+        eprintln!("SKIP: cannot force pid reuse here");
+        return;
+    };
+    // The verifier answers; vouchd's re-check before replying must refuse.
+    resume();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !out.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the inheriting child reported nothing"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "nothing");
+    let log = std::fs::read_to_string(dir.join("vouchd.stderr.log")).unwrap();
+    assert!(
+        // Refused at reply time: the instance is gone and the process now
+        // at its pid is another one.
+        log.lines().any(|l| l.contains("vouch_audit")
+            && l.contains("credential request denied")
+            && l.contains(&format!("instance {pid}@"))),
+        "no audit event for the exited caller:\n{}",
+        log.lines()
+            .filter(|l| l.contains("audit") || l.contains("WARN") || l.contains("ERROR"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    env.verifier.take();
+}

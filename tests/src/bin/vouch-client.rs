@@ -9,6 +9,9 @@
 //!   once, so the connection's SO_PEERCRED pid is free for reuse. The child
 //!   waits for GO_FILE, then makes the Workload API call over the inherited
 //!   connection and writes the outcome to OUT_FILE.
+//! - `vouch-client raw-read OUT_FILE`: reads, from the connection on its
+//!   stdin, the HTTP/2 answer to a request another process sent, and writes
+//!   `credentials` if a gRPC message arrived, else `nothing`.
 
 use std::io::Write;
 use std::os::fd::OwnedFd;
@@ -107,7 +110,15 @@ fn main() -> Result<()> {
             let mut f = std::fs::File::create(out)?;
             writeln!(f, "{v}")?;
         }
-        _ => bail!("usage: vouch-client sentry|workload|handoff ... (see the source header)"),
+        ["raw-read", out] => {
+            let mut s = stdin_stream()?;
+            s.set_read_timeout(Some(Duration::from_secs(30)))?;
+            let got = vouch_standin::raw_read_answer(&mut s).unwrap_or(false);
+            std::fs::write(out, if got { "credentials" } else { "nothing" })?;
+        }
+        _ => bail!(
+            "usage: vouch-client sentry|workload|handoff|raw-read ... (see the source header)"
+        ),
     }
     Ok(())
 }
