@@ -151,6 +151,73 @@ pub fn start(
 mod tests {
     use super::*;
 
+    /// A receiver that answers 500 `fail` times, then 204; returns the
+    /// bodies it saw.
+    async fn receiver(fail: usize) -> (u16, tokio::sync::mpsc::UnboundedReceiver<String>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut n = 0;
+            loop {
+                let (mut c, _) = l.accept().await.unwrap();
+                let mut buf = vec![0u8; 8192];
+                let mut got = 0;
+                // Headers and a small body arrive together on loopback.
+                loop {
+                    let k = c.read(&mut buf[got..]).await.unwrap();
+                    got += k;
+                    let text = String::from_utf8_lossy(&buf[..got]).to_string();
+                    if let Some(i) = text.find("\r\n\r\n") {
+                        let len: usize = text
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse().unwrap())
+                            })
+                            .unwrap_or(0);
+                        if got >= i + 4 + len || k == 0 {
+                            let _ = tx.send(text[i + 4..].to_string());
+                            break;
+                        }
+                    }
+                }
+                n += 1;
+                let status = if n <= fail {
+                    "500 Internal Server Error"
+                } else {
+                    "204 No Content"
+                };
+                let _ = c
+                    .write_all(format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\n\r\n").as_bytes())
+                    .await;
+            }
+        });
+        (port, rx)
+    }
+
+    #[tokio::test]
+    async fn failed_deliveries_are_retried_until_accepted() {
+        let (port, mut rx) = receiver(2).await;
+        let t = Target::parse(&format!("http://127.0.0.1:{port}/hook")).unwrap();
+        let tx = start(vec![t]);
+        tx.send(serde_json::json!({"to": "contraindicated"}))
+            .unwrap();
+        // Two refusals, then the same body accepted (backoff 100, 200 ms).
+        for _ in 0..3 {
+            let body = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(body, r#"{"to":"contraindicated"}"#);
+        }
+        assert!(tokio::time::timeout(Duration::from_millis(500), rx.recv())
+            .await
+            .is_err());
+    }
+
     #[test]
     fn urls() {
         let t = Target::parse("http://127.0.0.1:8080/hook?x=1").unwrap();
