@@ -235,26 +235,9 @@ pub fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-fn pem_of(tag: &str, der: &[u8]) -> String {
-    use base64::Engine;
-    let b = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut s = format!("-----BEGIN {tag}-----\n");
-    for chunk in b.as_bytes().chunks(64) {
-        s.push_str(&String::from_utf8_lossy(chunk));
-        s.push('\n');
-    }
-    s.push_str(&format!("-----END {tag}-----\n"));
-    s
-}
-
-/// PEM certificate(s) from DER.
+/// A PEM certificate from DER.
 pub fn cert_pem(der: &[u8]) -> String {
-    pem_of("CERTIFICATE", der)
-}
-
-/// PEM private key (PKCS#8) from DER.
-pub fn key_pem(der: &[u8]) -> String {
-    pem_of("PRIVATE KEY", der)
+    vouch_proto::pem::encode("CERTIFICATE", der)
 }
 
 /// A fresh P-256 key and a CSR for it: (PKCS#8 DER, CSR DER).

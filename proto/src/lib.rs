@@ -22,6 +22,7 @@ pub mod credential;
 pub mod event;
 pub mod measurement;
 pub mod name;
+pub mod pem;
 pub mod quote;
 pub mod tpm;
 

@@ -119,25 +119,6 @@ impl ServerCertVerifier for SpiffeVerifier {
     }
 }
 
-/// DER certificates from PEM text.
-pub fn pem_certs(pem: &str) -> Vec<Vec<u8>> {
-    use base64::Engine;
-    let mut out = Vec::new();
-    let mut rest = pem;
-    while let Some(b) = rest.find("-----BEGIN CERTIFICATE-----") {
-        let body = &rest[b + 27..];
-        let Some(e) = body.find("-----END CERTIFICATE-----") else {
-            break;
-        };
-        let b64: String = body[..e].chars().filter(|c| !c.is_whitespace()).collect();
-        if let Ok(d) = base64::engine::general_purpose::STANDARD.decode(b64) {
-            out.push(d);
-        }
-        rest = &body[e..];
-    }
-    out
-}
-
 /// A gRPC channel over TLS on the unix socket `path`, checking the server
 /// against `anchors_pem` and `sentry_id`.
 pub async fn sentry_channel(
@@ -146,7 +127,7 @@ pub async fn sentry_channel(
     sentry_id: &str,
 ) -> Result<Channel, ClientError> {
     let mut roots = rustls::RootCertStore::empty();
-    for d in pem_certs(anchors_pem) {
+    for d in vouch_proto::pem::certificates(anchors_pem) {
         roots
             .add(CertificateDer::from(d))
             .map_err(|e| ClientError::Tls(e.to_string()))?;

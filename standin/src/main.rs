@@ -178,20 +178,6 @@ fn report(v: serde_json::Value) {
     }
 }
 
-fn der_pem(der: &[u8], tag: &str) -> String {
-    use base64::Engine;
-    let b = base64::engine::general_purpose::STANDARD.encode(der);
-    let body: Vec<&str> = b
-        .as_bytes()
-        .chunks(64)
-        .map(|c| std::str::from_utf8(c).unwrap_or_default())
-        .collect();
-    format!(
-        "-----BEGIN {tag}-----\n{}\n-----END {tag}-----\n",
-        body.join("\n")
-    )
-}
-
 fn now_unix() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -269,8 +255,9 @@ async fn sentry_loop(path: std::path::PathBuf, app_id: String, sentry_id: String
                     sentry_burst(&path, &anchors, &sentry_id, &id, &ns, n).await;
                 }
                 let until = r.valid_until.map_or(0, |t| t.seconds.max(0) as u64);
-                let leaf =
-                    vouch_standin::pem_certs(&String::from_utf8_lossy(&r.workload_certificate));
+                let leaf = vouch_proto::pem::certificates(&String::from_utf8_lossy(
+                    &r.workload_certificate,
+                ));
                 let spiffe_id = leaf
                     .first()
                     .map(|d| vouch_standin::uri_sans(d).join(","))
@@ -338,9 +325,9 @@ async fn workload_loop(path: std::path::PathBuf, retry: Duration) {
                     report(serde_json::json!({
                         "event": "x509",
                         "spiffe_id": v.spiffe_id,
-                        "cert_pem": der_pem(&v.x509_svid, "CERTIFICATE"),
-                        "key_pem": der_pem(&v.x509_svid_key, "PRIVATE KEY"),
-                        "bundle_pem": vouch_standin::split_der(&v.bundle).iter().map(|d| der_pem(d, "CERTIFICATE")).collect::<String>(),
+                        "cert_pem": vouch_proto::pem::encode("CERTIFICATE", &v.x509_svid),
+                        "key_pem": vouch_proto::pem::encode("PRIVATE KEY", &v.x509_svid_key),
+                        "bundle_pem": vouch_standin::split_der(&v.bundle).iter().map(|d| vouch_proto::pem::encode("CERTIFICATE", d)).collect::<String>(),
                     }));
                 }
             }

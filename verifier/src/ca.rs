@@ -65,7 +65,6 @@ struct Generation {
     not_after: i64,
     /// Unix seconds the CA was made.
     not_before: i64,
-    pem: String,
     der: Vec<u8>,
     issuer: Issuer<'static, KeyPair>,
 }
@@ -75,8 +74,6 @@ struct Generation {
 pub struct Issued {
     /// The leaf, DER.
     pub leaf_der: Vec<u8>,
-    /// The leaf, PEM.
-    pub leaf_pem: String,
     /// Unix seconds the leaf expires.
     pub not_after: i64,
 }
@@ -177,7 +174,7 @@ impl IssuingCa {
                 path: key_p.clone(),
                 reason: e.to_string(),
             })?;
-            let der = pem_to_der(&pem).map_err(bad)?;
+            let der = vouch_proto::pem::decode_first(&pem).map_err(|e| bad(e.to_string()))?;
             let (_, cert) =
                 x509_parser::parse_x509_certificate(&der).map_err(|e| CaError::BadFile {
                     path: pem_p.clone(),
@@ -193,7 +190,6 @@ impl IssuingCa {
             gens.push(Generation {
                 not_after,
                 not_before,
-                pem,
                 der,
                 issuer,
             });
@@ -256,16 +252,10 @@ impl IssuingCa {
         self.gens.push(Generation {
             not_after,
             not_before: now - BACKDATE,
-            pem: cert.pem(),
             der: cert.der().to_vec(),
             issuer: Issuer::new(p, key),
         });
         Ok(())
-    }
-
-    /// Every unexpired CA certificate, PEM, newest first.
-    pub fn bundle_pem(&self) -> Vec<String> {
-        self.gens.iter().rev().map(|g| g.pem.clone()).collect()
     }
 
     /// Every unexpired CA certificate, DER, newest first.
@@ -294,7 +284,7 @@ impl IssuingCa {
         let der = if csr.starts_with(b"-----BEGIN") {
             let s =
                 std::str::from_utf8(csr).map_err(|_| CaError::BadCsr("PEM is not UTF-8".into()))?;
-            pem_to_der(s).map_err(CaError::BadCsr)?
+            vouch_proto::pem::decode_first(s).map_err(|e| CaError::BadCsr(e.to_string()))?
         } else {
             csr.to_vec()
         };
@@ -337,7 +327,6 @@ impl IssuingCa {
         p.serial_number = Some(SerialNumber::from_slice(&random_serial()?));
         let cert = p.signed_by(&parsed.public_key, &g.issuer)?;
         Ok(Issued {
-            leaf_pem: cert.pem(),
             leaf_der: cert.der().to_vec(),
             not_after,
         })
@@ -351,27 +340,6 @@ fn random_serial() -> Result<[u8; 16], CaError> {
     // Positive, non-zero leading byte.
     b[0] = (b[0] & 0x7f) | 0x01;
     Ok(b)
-}
-
-/// The DER of the first PEM block in `s`.
-pub fn pem_to_der(s: &str) -> Result<Vec<u8>, String> {
-    use base64::Engine;
-    let begin = s.find("-----BEGIN").ok_or("no PEM block")?;
-    let body_start = s[begin..]
-        .find('\n')
-        .map(|i| begin + i + 1)
-        .ok_or("truncated PEM")?;
-    let end = s[body_start..]
-        .find("-----END")
-        .map(|i| body_start + i)
-        .ok_or("PEM block without END line")?;
-    let b64: String = s[body_start..end]
-        .chars()
-        .filter(|c| !c.is_whitespace())
-        .collect();
-    base64::engine::general_purpose::STANDARD
-        .decode(b64)
-        .map_err(|e| format!("PEM body: {e}"))
 }
 
 #[cfg(test)]
@@ -425,7 +393,7 @@ mod tests {
         assert_eq!(key.metadata().unwrap().permissions().mode() & 0o777, 0o600);
         // Past half-life: a second generation; both in the bundle.
         assert!(ca.rotate_if_due(now + 600).unwrap());
-        assert_eq!(ca.bundle_pem().len(), 2);
+        assert_eq!(ca.bundle_der().len(), 2);
         // Leaves never outlive their CA.
         let out = ca
             .issue(
@@ -441,10 +409,10 @@ mod tests {
         // expires, one.
         let ca2 =
             IssuingCa::load_or_create(d.path(), Duration::from_secs(1000), now + 601).unwrap();
-        assert_eq!(ca2.bundle_pem(), ca.bundle_pem());
+        assert_eq!(ca2.bundle_der(), ca.bundle_der());
         let ca3 =
             IssuingCa::load_or_create(d.path(), Duration::from_secs(1000), now + 1001).unwrap();
-        assert_eq!(ca3.bundle_pem().len(), 1);
+        assert_eq!(ca3.bundle_der().len(), 1);
     }
 
     #[test]

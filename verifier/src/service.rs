@@ -905,11 +905,6 @@ impl Verifier {
         self.ca.read().map(|c| c.bundle_der()).unwrap_or_default()
     }
 
-    /// The trust bundle, PEM, newest first.
-    pub fn bundle_pem(&self) -> Vec<String> {
-        self.ca.read().map(|c| c.bundle_pem()).unwrap_or_default()
-    }
-
     /// Sends `node`'s current verdicts to its Watch streams.
     pub fn notify(&self, node_id: &str) {
         let Ok(g) = self.inner.lock() else { return };

@@ -155,17 +155,8 @@ pub trait Store: Send {
     fn load(&self) -> Result<Vec<(NodeRecord, Option<StoredState>)>, StoreError>;
     /// Inserts or replaces a node (re-enrollment) and audits it.
     fn put_node(&mut self, n: &NodeRecord, audit: &serde_json::Value) -> Result<(), StoreError>;
-    /// Commits an accepted appraisal: state, verdicts, history of changes,
-    /// audit — one transaction.
-    fn commit(
-        &mut self,
-        node: &NodeRecord,
-        state: Option<&StoredState>,
-        verdicts: &[SidecarVerdict],
-        now_ms: u64,
-        audit: &serde_json::Value,
-    ) -> Result<(), StoreError>;
-    /// Commits many appraisals in one transaction (group commit).
+    /// Commits appraisals (state, verdicts, history of changes, audit) in
+    /// one transaction (group commit).
     fn commit_batch(&mut self, ops: &[CommitOp]) -> Result<(), StoreError>;
     /// Current verdicts of every sidecar.
     fn verdicts(&self) -> Result<Vec<VerdictRow>, StoreError>;
@@ -355,24 +346,6 @@ impl Store for SqliteStore {
         )?;
         tx.commit()?;
         Ok(())
-    }
-
-    fn commit(
-        &mut self,
-        node: &NodeRecord,
-        state: Option<&StoredState>,
-        verdicts: &[SidecarVerdict],
-        now_ms: u64,
-        audit: &serde_json::Value,
-    ) -> Result<(), StoreError> {
-        self.commit_batch(&[CommitOp {
-            node: node.clone(),
-            state: state.cloned(),
-            verdicts: std::sync::Arc::new(verdicts.to_vec()),
-            write: VerdictWrite::Full,
-            now_ms,
-            audit: audit.clone(),
-        }])
     }
 
     fn commit_batch(&mut self, ops: &[CommitOp]) -> Result<(), StoreError> {
