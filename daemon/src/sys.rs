@@ -268,6 +268,23 @@ pub fn pidfd_pid(pidfd: &OwnedFd) -> Option<u32> {
         .filter(|p| *p > 0)
 }
 
+/// A datagram netlink socket of `protocol` (close-on-exec).
+fn netlink_socket(protocol: libc::c_int) -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2) call; the result is checked.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            protocol,
+        )
+    };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fresh fd owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
 /// An exec or exit reported by the kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProcEvent {
@@ -297,19 +314,7 @@ const CN_MSG: usize = 20;
 impl ProcConnector {
     /// Subscribes to process events.
     pub fn open() -> io::Result<Self> {
-        // SAFETY: plain socket(2) call; the result is checked.
-        let raw = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-                libc::NETLINK_CONNECTOR,
-            )
-        };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fresh fd owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let fd = netlink_socket(libc::NETLINK_CONNECTOR)?;
         // SAFETY: sockaddr_nl is plain data; zeroed is a valid value.
         let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
         addr.nl_family = libc::AF_NETLINK as u16;
@@ -555,19 +560,7 @@ pub fn tcp_listeners(pid: u32) -> io::Result<Vec<TcpListen>> {
             if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } < 0 {
                 return Err(io::Error::last_os_error());
             }
-            // SAFETY: plain socket(2) call; the result is checked.
-            let raw = unsafe {
-                libc::socket(
-                    libc::AF_NETLINK,
-                    libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-                    libc::NETLINK_SOCK_DIAG,
-                )
-            };
-            if raw < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // SAFETY: fresh fd owned by nobody else.
-            let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+            let fd = netlink_socket(libc::NETLINK_SOCK_DIAG)?;
             let mut out = Vec::new();
             diag_dump(&fd, libc::AF_INET as u8, &mut out)?;
             diag_dump(&fd, libc::AF_INET6 as u8, &mut out)?;

@@ -179,12 +179,6 @@ impl SpiffeWorkloadApi for WorkloadApi {
     }
 }
 
-type Make<T> = Box<
-    dyn Fn(InstanceId) -> Pin<Box<dyn std::future::Future<Output = Result<T, CredError>> + Send>>
-        + Send
-        + Sync,
->;
-
 /// A stream that sends `make(id)` now, again whenever it changes (SVID
 /// rotation at half-life, new bundle), and ends with PermissionDenied as
 /// soon as trust in the caller is withdrawn or the caller is gone.
@@ -196,7 +190,6 @@ where
         + Sync
         + 'static,
 {
-    let make: Make<T> = Box::new(make);
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<T, Status>>(4);
     tokio::spawn(async move {
         let mut changes = creds.subscribe();

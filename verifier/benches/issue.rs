@@ -14,7 +14,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{env, seed, start_verifier};
+use common::{env, gather, percentiles, seed, start_verifier};
 use vouch_proto::api::attestation_client::AttestationClient;
 use vouch_proto::api::credentials_client::CredentialsClient;
 use vouch_proto::api::{
@@ -155,23 +155,10 @@ fn main() {
                 (lat, ok, errs)
             }));
         }
-        let (mut lat, mut ok, mut errs) = (Vec::new(), 0, 0);
-        for t in tasks {
-            let (l, o, e) = t.await.unwrap();
-            lat.extend(l);
-            ok += o;
-            errs += e;
-        }
-        (lat, ok, errs)
+        gather(tasks).await
     });
     let measured = (secs as f64 - 2.0).max(1.0);
-    let mut lat = lat;
-    lat.sort_by(|a, b| a.total_cmp(b));
-    let p = |q: f64| {
-        lat.get(((lat.len().max(1) - 1) as f64 * q) as usize)
-            .copied()
-            .unwrap_or(0.0)
-    };
+    let p = percentiles(lat);
     println!(
         "SVID issuance over gRPC/TLS, {conc} in flight: {:.0} SVIDs/s, p50 {:.2} ms, p99 {:.2} ms ({ok} ok, {errs} errors over {measured:.0} s; client and verifier share the 2 cores)",
         ok as f64 / measured,

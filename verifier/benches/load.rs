@@ -20,7 +20,7 @@ use vouch_verifier::enroll::ek_id;
 use vouch_verifier::simnode::{sample_measurement, SimNode};
 
 mod common;
-use common::{env, rss_kb, seed, seed_state, start_verifier};
+use common::{env, gather, percentiles, rss_kb, seed, seed_state, start_verifier};
 
 fn main() {
     let n_nodes = env("VOUCH_LOAD_NODES", 1000);
@@ -187,23 +187,10 @@ fn main() {
                 (lat, ok, errs)
             }));
         }
-        let (mut lat, mut ok, mut errs) = (Vec::new(), 0, 0);
-        for t in tasks {
-            let (l, o, e) = t.await.unwrap();
-            lat.extend(l);
-            ok += o;
-            errs += e;
-        }
-        (lat, ok, errs)
+        gather(tasks).await
     });
     let measured = (secs as f64 - 2.0).max(1.0);
-    let mut lat = lat;
-    lat.sort_by(|a, b| a.total_cmp(b));
-    let p = |q: f64| {
-        lat.get(((lat.len().max(1) - 1) as f64 * q) as usize)
-            .copied()
-            .unwrap_or(0.0)
-    };
+    let p = percentiles(lat);
     println!(
         "load: {n_nodes} nodes, {conc} in flight, heartbeat = quote over the challenge from the previous answer + push with up to 5 new events: {:.0} evidence/s, p50 {:.2} ms, p99 {:.2} ms ({ok} ok, {errs} errors, over {measured:.0} s; generator and verifier share the 2 cores)",
         ok as f64 / measured,

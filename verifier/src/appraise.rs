@@ -228,13 +228,17 @@ fn runtime_value(pcrs: &[PcrValue], index: u8) -> Option<[u8; 32]> {
         .and_then(|p| <[u8; 32]>::try_from(p.value.as_slice()).ok())
 }
 
-/// Checks the nonce against what was issued.
+/// Checks the nonce against what was issued. `last_used` is the nonce the
+/// node consumed before the one outstanding now (answers carry the next
+/// challenge, so a replay of the previous evidence names that one).
 pub fn check_nonce(
     issued: Option<&IssuedNonce>,
+    last_used: Option<&[u8; 32]>,
     nonce: &[u8],
     now_ms: u64,
 ) -> Result<(), IntegrityError> {
     match issued {
+        _ if last_used.is_some_and(|l| l.as_slice() == nonce) => Err(IntegrityError::NonceReused),
         Some(i) if i.nonce.as_slice() == nonce => {
             if i.used {
                 Err(IntegrityError::NonceReused)

@@ -596,6 +596,8 @@ impl Verifier {
     }
 
     #[allow(clippy::type_complexity)]
+    /// Appraises pushed evidence: (answer, durability of a verdict change,
+    /// whether the node's verdicts changed).
     fn push(
         &self,
         e: Evidence,
@@ -603,6 +605,7 @@ impl Verifier {
         (
             EvidenceResult,
             Option<tokio::sync::oneshot::Receiver<Result<(), String>>>,
+            bool,
         ),
         ServiceError,
     > {
@@ -641,14 +644,7 @@ impl Verifier {
             .nodes
             .get_mut(&e.node_id)
             .ok_or_else(|| ServiceError::UnknownNode(e.node_id.clone()))?;
-        let mut nonce_check = check_nonce(n.nonce.as_ref(), &e.nonce, now_ms());
-        if matches!(nonce_check, Err(IntegrityError::NonceUnknown))
-            && n.last_nonce
-                .is_some_and(|l| l.as_slice() == e.nonce.as_slice())
-        {
-            // The answer to it already carried the next challenge.
-            nonce_check = Err(IntegrityError::NonceReused);
-        }
+        let nonce_check = check_nonce(n.nonce.as_ref(), n.last_nonce.as_ref(), &e.nonce, now_ms());
         if let Some(issued) = n.nonce.as_mut() {
             if issued.nonce.as_slice() == e.nonce.as_slice() {
                 issued.used = true;
@@ -742,7 +738,7 @@ impl Verifier {
             session: n.session.map(|s| s.to_vec()).unwrap_or_default(),
             next: Some(next),
         };
-        Ok((result, ack))
+        Ok((result, ack, !unchanged))
     }
 }
 
@@ -784,7 +780,7 @@ impl Attestation for Verifier {
         r: Request<Evidence>,
     ) -> Result<Response<EvidenceResult>, Status> {
         let node = r.get_ref().node_id.clone();
-        let (res, ack) = self.push(r.into_inner()).map_err(|e| {
+        let (res, ack, changed) = self.push(r.into_inner()).map_err(|e| {
             tracing::warn!(node_id = %node, error = %e, "evidence refused");
             // Refused evidence contraindicates the node's sidecars: tell
             // its vouchd at once (withdrawing needs no durability first).
@@ -793,7 +789,10 @@ impl Attestation for Verifier {
         })?;
         durable(ack).await?;
         // Durable before anything acts on it.
-        self.notify(&node);
+        // Heartbeats that change no verdict wake nobody.
+        if changed {
+            self.notify(&node);
+        }
         Ok(Response::new(res))
     }
 }
@@ -1077,6 +1076,14 @@ impl Verifier {
     }
 }
 
+/// A credential call's answer; a refusal is logged and mapped to its status.
+fn answer<T>(what: &str, r: Result<T, ServiceError>) -> Result<Response<T>, Status> {
+    r.map(Response::new).map_err(|e| {
+        tracing::warn!(error = %e, "{what} refused");
+        status_of(e)
+    })
+}
+
 /// The `vouch.v1.Credentials` service over the same verifier state.
 #[derive(Clone)]
 pub struct CredentialService(pub Arc<Verifier>);
@@ -1090,26 +1097,14 @@ impl vouch_proto::api::credentials_server::Credentials for CredentialService {
         &self,
         r: Request<vouch_proto::api::X509Request>,
     ) -> Result<Response<vouch_proto::api::X509Response>, Status> {
-        self.0
-            .sign_x509(r.get_ref())
-            .map(Response::new)
-            .map_err(|e| {
-                tracing::warn!(error = %e, "X.509 SVID refused");
-                status_of(e)
-            })
+        answer("X.509 SVID", self.0.sign_x509(r.get_ref()))
     }
 
     async fn mint_jwt(
         &self,
         r: Request<vouch_proto::api::JwtRequest>,
     ) -> Result<Response<vouch_proto::api::JwtResponse>, Status> {
-        self.0
-            .mint_jwt(r.get_ref())
-            .map(Response::new)
-            .map_err(|e| {
-                tracing::warn!(error = %e, "JWT refused");
-                status_of(e)
-            })
+        answer("JWT", self.0.mint_jwt(r.get_ref()))
     }
 
     type WatchStream = WatchStream;

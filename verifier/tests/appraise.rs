@@ -179,7 +179,7 @@ fn integrity_violations() {
         used: true,
     };
     assert_eq!(
-        check_nonce(Some(&issued), &[1; 32], 10),
+        check_nonce(Some(&issued), None, &[1; 32], 10),
         Err(IntegrityError::NonceReused)
     );
     let issued = IssuedNonce {
@@ -187,14 +187,14 @@ fn integrity_violations() {
         ..issued
     };
     assert_eq!(
-        check_nonce(Some(&issued), &[1; 32], 2000),
+        check_nonce(Some(&issued), None, &[1; 32], 2000),
         Err(IntegrityError::NonceExpired)
     );
     assert_eq!(
-        check_nonce(Some(&issued), &[2; 32], 10),
+        check_nonce(Some(&issued), None, &[2; 32], 10),
         Err(IntegrityError::NonceUnknown)
     );
-    assert_eq!(check_nonce(Some(&issued), &[1; 32], 10), Ok(()));
+    assert_eq!(check_nonce(Some(&issued), None, &[1; 32], 10), Ok(()));
 
     // Removed, reordered, altered events.
     for tamper in ["remove", "reorder", "alter"] {

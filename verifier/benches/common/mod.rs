@@ -79,19 +79,49 @@ pub fn start_verifier(dir: &std::path::Path, digest: &str) -> Verifier {
     Verifier { child, port }
 }
 
+/// The enrollment record of simulated node `i`.
+fn node_record(i: usize, n: &SimNode) -> NodeRecord {
+    let ek = n.ek.marshal();
+    NodeRecord {
+        node_id: ek_id(&ek),
+        name: format!("sim-{i}"),
+        labels: BTreeMap::new(),
+        ek_public: hex::encode(&ek),
+        ak_public: hex::encode(n.ak.marshal()),
+        trust: "LoadGenerator".into(),
+        enrolled_unix: 0,
+    }
+}
+
+/// What a worker measured: latencies (ms), successes, errors.
+pub type Tally = (Vec<f64>, u64, u64);
+
+/// Adds up the workers' tallies.
+pub async fn gather(tasks: Vec<tokio::task::JoinHandle<Tally>>) -> Tally {
+    let (mut lat, mut ok, mut errs) = (Vec::new(), 0, 0);
+    for t in tasks {
+        let (l, o, e) = t.await.unwrap();
+        lat.extend(l);
+        ok += o;
+        errs += e;
+    }
+    (lat, ok, errs)
+}
+
+/// The latency at a quantile (0..=1) of `lat`.
+pub fn percentiles(mut lat: Vec<f64>) -> impl Fn(f64) -> f64 {
+    lat.sort_by(|a, b| a.total_cmp(b));
+    move |q: f64| {
+        lat.get(((lat.len().max(1) - 1) as f64 * q) as usize)
+            .copied()
+            .unwrap_or(0.0)
+    }
+}
+
 pub fn seed(dir: &std::path::Path, nodes: &[SimNode]) {
     let mut st = SqliteStore::open(&dir.join("state.db")).unwrap();
     for (i, n) in nodes.iter().enumerate() {
-        let ek = n.ek.marshal();
-        let rec = NodeRecord {
-            node_id: ek_id(&ek),
-            name: format!("sim-{i}"),
-            labels: BTreeMap::new(),
-            ek_public: hex::encode(&ek),
-            ak_public: hex::encode(n.ak.marshal()),
-            trust: "LoadGenerator".into(),
-            enrolled_unix: 0,
-        };
+        let rec = node_record(i, n);
         st.put_node(
             &rec,
             &serde_json::json!({"event": "seeded by load generator"}),
@@ -110,41 +140,30 @@ pub fn seed_state(dir: &std::path::Path, nodes: &[SimNode], instances: u32) {
     let ops: Vec<CommitOp> = nodes
         .iter()
         .enumerate()
-        .map(|(i, n)| {
-            let ek = n.ek.marshal();
-            CommitOp {
-                node: NodeRecord {
-                    node_id: ek_id(&ek),
-                    name: format!("sim-{i}"),
-                    labels: BTreeMap::new(),
-                    ek_public: hex::encode(&ek),
-                    ak_public: hex::encode(n.ak.marshal()),
-                    trust: "LoadGenerator".into(),
-                    enrolled_unix: 0,
-                },
-                state: Some(StoredState {
-                    boot: Some((1, 0)),
-                    runtime_pcr: 13,
-                    next_seq: u64::from(instances) + 1,
-                    pcr: "00".repeat(32),
-                    integrity_lost: None,
-                    instances: (0..instances)
-                        .map(|k| {
-                            Arc::new(sample_measurement(
-                                100 + k,
-                                &format!("app-{k}"),
-                                &"1".repeat(64),
-                                4026531840 + u64::from(k),
-                            ))
-                        })
-                        .collect(),
-                    anomalies: Vec::new(),
-                }),
-                verdicts: Default::default(),
-                write: vouch_verifier::store::VerdictWrite::Full,
-                now_ms: 0,
-                audit: serde_json::json!({"event": "seeded by load generator"}),
-            }
+        .map(|(i, n)| CommitOp {
+            node: node_record(i, n),
+            state: Some(StoredState {
+                boot: Some((1, 0)),
+                runtime_pcr: 13,
+                next_seq: u64::from(instances) + 1,
+                pcr: "00".repeat(32),
+                integrity_lost: None,
+                instances: (0..instances)
+                    .map(|k| {
+                        Arc::new(sample_measurement(
+                            100 + k,
+                            &format!("app-{k}"),
+                            &"1".repeat(64),
+                            4026531840 + u64::from(k),
+                        ))
+                    })
+                    .collect(),
+                anomalies: Vec::new(),
+            }),
+            verdicts: Default::default(),
+            write: vouch_verifier::store::VerdictWrite::Full,
+            now_ms: 0,
+            audit: serde_json::json!({"event": "seeded by load generator"}),
         })
         .collect();
     for chunk in ops.chunks(5000) {
