@@ -810,6 +810,21 @@ fn send_if_changed(tx: &tokio::sync::watch::Sender<Arc<TrustUpdate>>, u: TrustUp
     });
 }
 
+/// The node a credential call names, if it presents that node's session.
+fn session_node<'a>(
+    nodes: &'a HashMap<String, Node>,
+    auth: Option<&vouch_proto::api::NodeAuth>,
+) -> Result<&'a Node, ServiceError> {
+    let auth = auth.ok_or_else(|| ServiceError::Invalid("auth missing".into()))?;
+    let n = nodes
+        .get(&auth.node_id)
+        .ok_or_else(|| ServiceError::UnknownNode(auth.node_id.clone()))?;
+    match n.session.as_ref() {
+        Some(s) if same_secret(&auth.session, s) => Ok(n),
+        _ => Err(ServiceError::NoSession(n.record.name.clone())),
+    }
+}
+
 fn same_secret(a: &[u8], b: &[u8; 32]) -> bool {
     a.len() == 32 && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
@@ -939,16 +954,8 @@ impl Verifier {
         auth: Option<&vouch_proto::api::NodeAuth>,
         subject: Subject,
     ) -> Result<(String, String), ServiceError> {
-        let auth = auth.ok_or_else(|| ServiceError::Invalid("auth missing".into()))?;
         let g = self.lock()?;
-        let n = g
-            .nodes
-            .get(&auth.node_id)
-            .ok_or_else(|| ServiceError::UnknownNode(auth.node_id.clone()))?;
-        match n.session.as_ref() {
-            Some(s) if same_secret(&auth.session, s) => {}
-            _ => return Err(ServiceError::NoSession(n.record.name.clone())),
-        }
+        let n = session_node(&g.nodes, auth)?;
         let refuse = |instance: String, why: String| ServiceError::NotAffirmed {
             node: n.record.name.clone(),
             instance,
@@ -1055,21 +1062,14 @@ impl Verifier {
         &self,
         auth: Option<&vouch_proto::api::NodeAuth>,
     ) -> Result<tokio::sync::watch::Receiver<Arc<TrustUpdate>>, ServiceError> {
-        let auth = auth.ok_or_else(|| ServiceError::Invalid("auth missing".into()))?;
         let mut g = self.lock()?;
         let g = &mut *g;
-        let n = g
-            .nodes
-            .get(&auth.node_id)
-            .ok_or_else(|| ServiceError::UnknownNode(auth.node_id.clone()))?;
-        match n.session.as_ref() {
-            Some(s) if same_secret(&auth.session, s) => {}
-            _ => return Err(ServiceError::NoSession(n.record.name.clone())),
-        }
+        let n = session_node(&g.nodes, auth)?;
+        let node_id = n.record.node_id.clone();
         let update = Arc::new(self.update_of(n));
         let tx = g
             .watchers
-            .entry(auth.node_id.clone())
+            .entry(node_id)
             .or_insert_with(|| tokio::sync::watch::channel(update.clone()).0);
         tx.send_replace(update);
         Ok(tx.subscribe())
