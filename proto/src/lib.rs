@@ -11,6 +11,8 @@
 //! - [`tpm`]: TPM 2.0 structure codecs (TPMS_ATTEST, TPMT_SIGNATURE,
 //!   TPMT_PUBLIC, TPML_PCR_SELECTION, TPM2B).
 //! - [`quote`]: quote verification (ECDSA P-256/P-384, RSASSA/RSAPSS).
+//! - [`p256`]: variable-time ECDSA P-256 verification with a comb table per
+//!   AK (public inputs only), about twice ring's rate.
 //! - [`name`]: object Names and qualified names.
 //! - [`credential`]: software MakeCredential for RSA and ECC EKs.
 //!
@@ -22,6 +24,7 @@ pub mod credential;
 pub mod event;
 pub mod measurement;
 pub mod name;
+pub mod p256;
 pub mod pem;
 pub mod quote;
 pub mod tpm;

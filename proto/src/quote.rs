@@ -12,6 +12,7 @@
 //! signed fields (nonce, signer, PCR selection, PCR digest) compared. A field
 //! is never trusted before the signature over it is.
 
+use crate::p256::{P256Key, P256KeyError};
 use crate::tpm::{
     alg, attr, curve, Attest, CodecError, HashAlg, PcrSelectionList, Public, PublicKey, Reader,
     Signature, TPM_GENERATED_VALUE, TPM_ST_ATTEST_QUOTE,
@@ -155,6 +156,9 @@ pub struct QuoteFile {
 
 #[derive(Debug, Clone)]
 enum Key {
+    /// P-256 keys use [`crate::p256`] with the key's comb table (shared
+    /// between clones).
+    P256(std::sync::Arc<P256Key>),
     Ecdsa {
         alg: &'static rsig::EcdsaVerificationAlgorithm,
         field: usize,
@@ -209,7 +213,22 @@ impl AkVerifier {
                     return Err(QuoteError::UnsupportedAk("ECC AK scheme is not ECDSA"));
                 }
                 let (alg, field) = match (*c, hash) {
-                    (curve::NIST_P256, alg::SHA256) => (&rsig::ECDSA_P256_SHA256_FIXED, 32),
+                    (curve::NIST_P256, alg::SHA256) => {
+                        let key = P256Key::new(x, y).map_err(|e| {
+                            QuoteError::UnsupportedAk(match e {
+                                P256KeyError::CoordinateTooLong => "ECC point coordinate too long",
+                                P256KeyError::CoordinateOutOfRange => {
+                                    "ECC point coordinate not below the field prime"
+                                }
+                                P256KeyError::NotOnCurve => "ECC point is not on P-256",
+                            })
+                        })?;
+                        return Ok(Self {
+                            key: Key::P256(std::sync::Arc::new(key)),
+                            restricted_ok,
+                            attributes: ak.object_attributes,
+                        });
+                    }
                     (curve::NIST_P384, alg::SHA384) => (&rsig::ECDSA_P384_SHA384_FIXED, 48),
                     _ => {
                         return Err(QuoteError::UnsupportedAk(
@@ -270,6 +289,7 @@ impl AkVerifier {
     /// The hash algorithm the AK signs with (and the pcrDigest uses).
     pub fn hash(&self) -> u16 {
         match &self.key {
+            Key::P256(_) => alg::SHA256,
             Key::Ecdsa { hash, .. } | Key::Rsa { hash, .. } => *hash,
         }
     }
@@ -277,6 +297,19 @@ impl AkVerifier {
     /// Checks `sig` over `msg` with this key (no TPMS_ATTEST semantics).
     pub fn verify_signature(&self, msg: &[u8], sig: &Signature) -> Result<(), QuoteError> {
         match (&self.key, sig) {
+            (Key::P256(key), Signature::Ecdsa { hash: h, r, s }) => {
+                if *h != alg::SHA256 {
+                    return Err(QuoteError::SchemeMismatch {
+                        key: alg::SHA256,
+                        signature: *h,
+                    });
+                }
+                if key.verify(msg, r, s) {
+                    Ok(())
+                } else {
+                    Err(QuoteError::SignatureInvalid)
+                }
+            }
             (
                 Key::Ecdsa {
                     alg,
@@ -335,7 +368,7 @@ impl AkVerifier {
                     .verify(params, msg, s)
                     .map_err(|_| QuoteError::SignatureInvalid)
             }
-            (Key::Ecdsa { .. }, other) | (Key::Rsa { .. }, other) => {
+            (Key::P256(_), other) | (Key::Ecdsa { .. }, other) | (Key::Rsa { .. }, other) => {
                 Err(QuoteError::SchemeMismatch {
                     key: self.hash(),
                     signature: match other {
