@@ -150,16 +150,26 @@ fn add4(a: &Limbs, b: &Limbs) -> (Limbs, u64) {
     ([r0, r1, r2, r3], c)
 }
 
-/// Reduces `a + carry·2^256` (known to be < 2m) below m.
+/// Reduces `a + carry·2^256` (known to be < 2m) below m. Branch-free: in
+/// field arithmetic whether a subtraction is needed is a coin toss, and
+/// mispredicted branches cost more than the select.
 #[inline(always)]
 fn reduce_once(a: &Limbs, carry: u64, m: &Limbs) -> Limbs {
     let (d, borrow) = sub4(a, m);
     // Keep a only when the subtraction borrowed past the carry bit.
-    if borrow > carry {
-        *a
-    } else {
-        d
-    }
+    let keep = 0u64.wrapping_sub(borrow & !carry & 1);
+    select(&keep, a, &d)
+}
+
+/// `a` where mask is all ones, `b` where it is zero.
+#[inline(always)]
+fn select(mask: &u64, a: &Limbs, b: &Limbs) -> Limbs {
+    [
+        (a[0] & mask) | (b[0] & !mask),
+        (a[1] & mask) | (b[1] & !mask),
+        (a[2] & mask) | (b[2] & !mask),
+        (a[3] & mask) | (b[3] & !mask),
+    ]
 }
 
 #[inline(always)]
@@ -168,14 +178,12 @@ fn add_mod(a: &Limbs, b: &Limbs, m: &Limbs) -> Limbs {
     reduce_once(&s, c, m)
 }
 
+/// a - b mod m, branch-free (see [`reduce_once`]).
 #[inline(always)]
 fn sub_mod(a: &Limbs, b: &Limbs, m: &Limbs) -> Limbs {
     let (d, borrow) = sub4(a, b);
-    if borrow == 0 {
-        d
-    } else {
-        add4(&d, m).0
-    }
+    let mask = 0u64.wrapping_sub(borrow);
+    add4(&d, &[m[0] & mask, m[1] & mask, m[2] & mask, m[3] & mask]).0
 }
 
 /// Montgomery product a·b·2^-256 mod m, for a, b < m (m odd, < 2^256).
@@ -238,20 +246,44 @@ fn mont_sqr_p(a: &Limbs) -> Limbs {
         t[2 * i + 1] = hi;
         c = c2;
     }
+    reduce_p(t)
+}
+
+/// Montgomery reduction t·2^-256 mod p of a 512-bit t < p·2^256, using
+/// p's shape: -p^-1 ≡ 1 (mod 2^64), so each round's multiplier is the
+/// limb itself, and k·p0 + k = k·2^64 (limb 0 clears, carrying k), p2 = 0.
+#[inline(always)]
+fn reduce_p(mut t: [u64; 8]) -> Limbs {
     let mut top = 0;
     for i in 0..4 {
-        let k = t[i]; // P_INV == 1
-        let mut carry = 0;
-        for j in 0..4 {
-            let (lo, hi) = mac(t[i + j], k, P[j], carry);
-            t[i + j] = lo;
-            carry = hi;
-        }
+        let k = t[i];
+        let (lo, carry) = mac(t[i + 1], k, P[1], k);
+        t[i + 1] = lo;
+        let (lo, carry) = adc(t[i + 2], carry, 0);
+        t[i + 2] = lo;
+        let (lo, carry) = mac(t[i + 3], k, P[3], carry);
+        t[i + 3] = lo;
         let (s, c) = adc(t[i + 4], carry, top);
         t[i + 4] = s;
         top = c;
     }
     reduce_once(&[t[4], t[5], t[6], t[7]], top, &P)
+}
+
+/// Montgomery product a·b·2^-256 mod p.
+#[inline(always)]
+fn mont_mul_p(a: &Limbs, b: &Limbs) -> Limbs {
+    let mut t = [0u64; 8];
+    for i in 0..4 {
+        let mut carry = 0;
+        for j in 0..4 {
+            let (lo, hi) = mac(t[i + j], a[i], b[j], carry);
+            t[i + j] = lo;
+            carry = hi;
+        }
+        t[i + 4] = carry;
+    }
+    reduce_p(t)
 }
 
 fn is_zero(a: &Limbs) -> bool {
@@ -306,7 +338,7 @@ impl Fe {
 
     #[inline(always)]
     fn mul(&self, b: &Fe) -> Fe {
-        Fe(mont_mul(&self.0, &b.0, &P, P_INV))
+        Fe(mont_mul_p(&self.0, &b.0))
     }
 
     #[inline(always)]
@@ -527,58 +559,90 @@ fn mul_mod_n(a: &Limbs, b: &Limbs) -> Limbs {
     mont_mul(&ab, &R2_N, &N, N_INV)
 }
 
-fn shr1(a: &mut Limbs, top: u64) {
-    a[0] = (a[0] >> 1) | (a[1] << 63);
-    a[1] = (a[1] >> 1) | (a[2] << 63);
-    a[2] = (a[2] >> 1) | (a[3] << 63);
-    a[3] = (a[3] >> 1) | (top << 63);
-}
-
-/// x/2 mod n.
-fn half_mod_n(x: &mut Limbs) {
-    if x[0] & 1 == 0 {
-        shr1(x, 0);
-    } else {
-        let (s, c) = add4(x, &N);
-        *x = s;
-        shr1(x, c);
+/// Swaps a and b where mask is all ones; leaves them where it is zero.
+#[inline(always)]
+fn cswap(a: &mut Limbs, b: &mut Limbs, mask: u64) {
+    for i in 0..4 {
+        let t = (a[i] ^ b[i]) & mask;
+        a[i] ^= t;
+        b[i] ^= t;
     }
 }
 
-/// a^-1 mod n for 0 < a < n, by the binary extended Euclid (variable time:
-/// a is public). Invariants: x1·a ≡ u and x2·a ≡ v (mod n), u and v odd
-/// before each subtraction, gcd(u, v) = gcd(a, n) = 1.
+/// a >> k for 0 < k < 64 (vacated bits 0).
+#[inline(always)]
+fn shr_small(a: &Limbs, k: u32) -> Limbs {
+    [
+        (a[0] >> k) | (a[1] << (64 - k)),
+        (a[1] >> k) | (a[2] << (64 - k)),
+        (a[2] >> k) | (a[3] << (64 - k)),
+        a[3] >> k,
+    ]
+}
+
+/// x·2^-k mod n for x < n, 0 < k < 64: adds the multiple m·n that clears
+/// x's low k bits (m = -x·n^-1 mod 2^k), then shifts. The result is < 2n
+/// before the final subtraction.
+#[inline(always)]
+fn div_pow2_mod_n(x: &Limbs, k: u32) -> Limbs {
+    let m = x[0].wrapping_mul(N_INV) & ((1u64 << k) - 1);
+    let (y0, c) = mac(x[0], m, N[0], 0);
+    let (y1, c) = mac(x[1], m, N[1], c);
+    let (y2, c) = mac(x[2], m, N[2], c);
+    let (y3, y4) = mac(x[3], m, N[3], c);
+    debug_assert_eq!(y0 & ((1u64 << k) - 1), 0);
+    let lo = [
+        (y0 >> k) | (y1 << (64 - k)),
+        (y1 >> k) | (y2 << (64 - k)),
+        (y2 >> k) | (y3 << (64 - k)),
+        (y3 >> k) | (y4 << (64 - k)),
+    ];
+    reduce_once(&lo, y4 >> k, &N)
+}
+
+/// Removes the trailing zero bits of an odd-making value: u >>= tz(u) and
+/// x = x·2^-tz(u) mod n, keeping x·a ≡ u. `u` must be nonzero.
+#[inline(always)]
+fn strip_twos(u: &mut Limbs, x: &mut Limbs) {
+    loop {
+        let tz = if u[0] != 0 {
+            u[0].trailing_zeros()
+        } else {
+            63 // a whole zero limb: take it 63 bits at a time
+        };
+        if tz == 0 {
+            return;
+        }
+        *u = shr_small(u, tz);
+        *x = div_pow2_mod_n(x, tz);
+    }
+}
+
+/// a^-1 mod n for 0 < a < n, by a binary extended Euclid (variable time:
+/// a is public). Invariants: x1·a ≡ u and x2·a ≡ v (mod n); u and v are
+/// odd at the top of the loop and gcd(u, v) = gcd(a, n) = 1, so the loop
+/// ends with u = v = 1. The larger of u, v is chosen by masks, not
+/// branches: which one is larger is data-dependent and unpredictable.
 fn inv_mod_n(a: &Limbs) -> Limbs {
-    const ONE: Limbs = [1, 0, 0, 0];
+    if is_zero(a) {
+        return [0; 4];
+    }
     let mut u = *a;
     let mut v = N;
-    let mut x1 = ONE;
-    let mut x2 = [0u64; 4];
-    while u != ONE && v != ONE {
-        if is_zero(&u) || is_zero(&v) {
-            // Unreachable for 0 < a < n (n is prime); refuse rather than loop.
-            return [0; 4];
+    let mut x1: Limbs = [1, 0, 0, 0];
+    let mut x2: Limbs = [0; 4];
+    strip_twos(&mut u, &mut x1);
+    loop {
+        let (d, borrow) = sub4(&u, &v);
+        if is_zero(&d) {
+            return x1;
         }
-        while u[0] & 1 == 0 {
-            shr1(&mut u, 0);
-            half_mod_n(&mut x1);
-        }
-        while v[0] & 1 == 0 {
-            shr1(&mut v, 0);
-            half_mod_n(&mut x2);
-        }
-        if lt(&u, &v) {
-            v = sub4(&v, &u).0;
-            x2 = sub_mod(&x2, &x1, &N);
-        } else {
-            u = sub4(&u, &v).0;
-            x1 = sub_mod(&x1, &x2, &N);
-        }
-    }
-    if u == ONE {
-        x1
-    } else {
-        x2
+        let mask = 0u64.wrapping_sub(borrow);
+        cswap(&mut u, &mut v, mask);
+        cswap(&mut x1, &mut x2, mask);
+        u = sub4(&u, &v).0;
+        x1 = sub_mod(&x1, &x2, &N);
+        strip_twos(&mut u, &mut x1);
     }
 }
 
