@@ -20,6 +20,10 @@ use vouch_verifier::enroll::ek_id;
 use vouch_verifier::simnode::{sample_measurement, SimNode};
 
 mod common;
+
+/// The generator allocates like the verifier does; same allocator.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use common::{env, gather, percentiles, rss_kb, seed, seed_state, start_verifier};
 
 fn main() {
@@ -85,10 +89,13 @@ fn main() {
             })
         })
         .collect();
-    type Slot = (SimNode, u64, Option<vouch_proto::api::Challenge>);
+    type Slot = (SimNode, String, u64, Option<vouch_proto::api::Challenge>);
     let nodes: Vec<Arc<tokio::sync::Mutex<Slot>>> = nodes
         .into_iter()
-        .map(|n| Arc::new(tokio::sync::Mutex::new((n, 0u64, None))))
+        .map(|n| {
+            let id = ek_id(&n.ek.marshal());
+            Arc::new(tokio::sync::Mutex::new((n, id, 0u64, None)))
+        })
         .collect();
     let nodes = Arc::new(nodes);
     let stop_at = Instant::now() + Duration::from_secs(secs as u64);
@@ -120,8 +127,16 @@ fn main() {
     });
     let (lat, ok, errs) = rt.block_on(async {
         let mut tasks = Vec::new();
+        // The 5 measurements a heartbeat logs (each node logs its own
+        // events; the measured facts are the same).
+        let samples: Arc<Vec<_>> = Arc::new(
+            (0..5u32)
+                .map(|k| sample_measurement(10 + k % 2, "orders", &digest, 100 + u64::from(k)))
+                .collect(),
+        );
         for w in 0..conc {
             let nodes = nodes.clone();
+            let samples = samples.clone();
             let mut client = AttestationClient::new(channels[w % conns].clone());
             tasks.push(tokio::spawn(async move {
                 let (mut lat, mut ok, mut errs) = (Vec::new(), 0u64, 0u64);
@@ -130,8 +145,8 @@ fn main() {
                     let slot = nodes[i % nodes.len()].clone();
                     i += conc;
                     let mut g = slot.lock().await;
-                    let (node, pushes, next) = &mut *g;
-                    let node_id = ek_id(&node.ek.marshal());
+                    let (node, node_id, pushes, next) = &mut *g;
+                    let node_id = node_id.clone();
                     let t0 = Instant::now();
                     // The challenge from the last answer, as vouchd does;
                     // GetChallenge only for the first heartbeat.
@@ -152,17 +167,15 @@ fn main() {
                     };
                     // Heartbeats after the first carry up to 5 new events.
                     if *pushes > 0 {
-                        for k in 0..5u32 {
-                            node.measure(&sample_measurement(
-                                10 + k % 2,
-                                "orders",
-                                &"1".repeat(64),
-                                100 + u64::from(k),
-                            ));
+                        for m in samples.iter() {
+                            node.measure(m);
                         }
                     }
                     let (attest, signature, pcrs) = node.quote(&ch.nonce).unwrap();
-                    let events = node.log[ch.next_seq as usize..].to_vec();
+                    // What the verifier accepted can go (as vouchd's log
+                    // rotation would drop it); the rest is sent.
+                    node.forget_before(ch.next_seq);
+                    let events = node.events_from(ch.next_seq).to_vec();
                     let ev = Evidence {
                         node_id,
                         nonce: ch.nonce,

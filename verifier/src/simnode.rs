@@ -37,8 +37,13 @@ pub struct SimNode {
     pub runtime_pcr: u8,
     /// Runtime PCR value.
     pub pcr: [u8; 32],
-    /// Every encoded event of this boot.
+    /// The encoded events of this boot from sequence number `log_base` on
+    /// (all of them unless [`SimNode::forget_before`] was called).
     pub log: Vec<Vec<u8>>,
+    /// Sequence number of `log[0]`.
+    pub log_base: u64,
+    /// The AK's qualified name (fixed for the node's life).
+    qualified_name: Vec<u8>,
     /// Boot PCR values (0-7).
     pub boot_pcrs: [[u8; 32]; 8],
 }
@@ -107,11 +112,14 @@ impl SimNode {
         for (i, p) in boot_pcrs.iter_mut().enumerate() {
             *p = vouch_proto::event::digest(&[i as u8, (seed & 0xff) as u8]);
         }
+        let qualified_name = ak_qualified_name(&ek, &ak).map_err(|e| e.to_string())?;
         let mut me = Self {
             key,
             rng,
             ak,
             ek,
+            log_base: 0,
+            qualified_name,
             boot: (1, 0),
             runtime_pcr: vouch_proto::DEFAULT_RUNTIME_PCR,
             pcr: [0; 32],
@@ -133,15 +141,31 @@ impl SimNode {
 
     /// Appends an event to the simulated log and extends the PCR.
     pub fn append(&mut self, kind: EventKind, body: Record) {
+        let seq = self.log_base + self.log.len() as u64;
         let e = Event {
             kind,
-            seq: self.log.len() as u64,
-            time_unix_ns: 1_700_000_000_000_000_000 + self.log.len() as u64,
+            seq,
+            time_unix_ns: 1_700_000_000_000_000_000 + seq,
             body,
         };
         let raw = e.encode();
         self.pcr = vouch_proto::event::extend(&self.pcr, &vouch_proto::event::digest(&raw));
         self.log.push(raw);
+    }
+
+    /// The events from sequence number `seq` on (empty if `seq` is past the
+    /// end or before what was forgotten).
+    pub fn events_from(&self, seq: u64) -> &[Vec<u8>] {
+        let i = seq.saturating_sub(self.log_base) as usize;
+        self.log.get(i..).unwrap_or(&[])
+    }
+
+    /// Drops the events before `seq` (the verifier accepted them), as
+    /// vouchd's log rotation would; keeps a long simulation's memory flat.
+    pub fn forget_before(&mut self, seq: u64) {
+        let n = (seq.saturating_sub(self.log_base) as usize).min(self.log.len());
+        self.log.drain(..n);
+        self.log_base += n as u64;
     }
 
     /// Appends an InstanceMeasured event for `meas`.
@@ -179,7 +203,7 @@ impl SimNode {
         let attest = Attest {
             magic: TPM_GENERATED_VALUE,
             attest_type: TPM_ST_ATTEST_QUOTE,
-            qualified_signer: ak_qualified_name(&self.ek, &self.ak).map_err(|e| e.to_string())?,
+            qualified_signer: self.qualified_name.clone(),
             extra_data: nonce.to_vec(),
             clock_info: ClockInfo {
                 clock: 1000,
