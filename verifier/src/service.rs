@@ -147,6 +147,12 @@ struct Pending {
     expires_ms: u64,
 }
 
+/// A value no node state had before (see `Node::generation`).
+fn next_generation() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Granularity of the stored verdicts' `updated_ms` while they stay the
 /// same (a change is always written at once).
 const REFRESH_MS: u64 = 60_000;
@@ -155,6 +161,10 @@ struct Node {
     record: NodeRecord,
     state: NodeState,
     nonce: Option<IssuedNonce>,
+    /// Changes whenever `state` is replaced (or the node re-enrolls): an
+    /// appraisal made outside the lock applies only to the generation it
+    /// read.
+    generation: u64,
     /// Last accepted evidence (Unix ms; 0 = none since this verifier started).
     last_ok_ms: u64,
     /// When the stored verdict rows' `updated_ms` was last written (Unix ms).
@@ -297,7 +307,8 @@ struct Inner {
     writer: Writer,
     nodes: HashMap<String, Node>,
     pending: HashMap<String, Pending>,
-    policies: Vec<Policy>,
+    /// Shared with appraisals running outside the lock.
+    policies: Arc<Vec<Policy>>,
     /// Open Watch streams, by node id.
     watchers: HashMap<String, tokio::sync::watch::Sender<Arc<TrustUpdate>>>,
 }
@@ -379,6 +390,7 @@ impl Verifier {
                     // A restarted verifier gives every node a full window.
                     last_ok_ms: now_ms(),
                     refreshed_ms: 0,
+                    generation: next_generation(),
                     stale: false,
                     verdicts: Arc::default(),
                     integrity_ok: true,
@@ -393,7 +405,7 @@ impl Verifier {
                 writer: Writer::spawn(store)?,
                 nodes,
                 pending: HashMap::new(),
-                policies,
+                policies: Arc::new(policies),
                 watchers: HashMap::new(),
             }),
             settings,
@@ -490,7 +502,7 @@ impl Verifier {
     /// Replaces the policy set (after a successful reload).
     pub fn set_policies(&self, p: Vec<Policy>) {
         if let Ok(mut g) = self.inner.lock() {
-            g.policies = p;
+            g.policies = Arc::new(p);
         }
     }
 
@@ -582,6 +594,7 @@ impl Verifier {
                 nonce: None,
                 last_ok_ms: now_ms(),
                 refreshed_ms: 0,
+                generation: next_generation(),
                 stale: false,
                 verdicts: Arc::default(),
                 integrity_ok: true,
@@ -664,36 +677,6 @@ impl Verifier {
             })
             .collect::<Result<_, ServiceError>>()?;
         let next_nonce = random32()?;
-        let mut guard = self.lock()?;
-        let g = &mut *guard;
-        let n = g
-            .nodes
-            .get_mut(&e.node_id)
-            .ok_or_else(|| ServiceError::UnknownNode(e.node_id.clone()))?;
-        let nonce_check = check_nonce(n.nonce.as_ref(), n.last_nonce.as_ref(), &e.nonce, now_ms());
-        if let Some(issued) = n.nonce.as_mut() {
-            if issued.nonce.as_slice() == e.nonce.as_slice() {
-                issued.used = true;
-                n.last_nonce = Some(issued.nonce);
-            }
-        }
-        if let Err(err) = nonce_check {
-            // Evidence that is not fresh says nothing about the node now
-            // (it may be an attacker's replay, or a challenge from before a
-            // verifier restart): refused and audited, verdicts unchanged.
-            g.writer.send(
-                WriteOp::Commit(CommitOp {
-                    node: n.record.clone(),
-                    state: None,
-                    verdicts: n.verdicts.clone(),
-                    write: VerdictWrite::AuditOnly,
-                    now_ms: now_ms(),
-                    audit: serde_json::json!({"event": "evidence refused", "reason": err.to_string()}),
-                }),
-                false,
-            );
-            return Err(err.into());
-        }
         let ev = crate::appraise::Evidence {
             nonce: &e.nonce,
             attest: &e.attest,
@@ -702,7 +685,57 @@ impl Verifier {
             events: &e.events,
             log_integrity_lost: e.log_state == LogState::IntegrityLost as i32,
         };
-        let mut a = appraise(&n.state, &ev, nonce_check, &g.policies);
+        // 1. Under the lock: the nonce is checked and consumed, and the
+        //    node's state is read (a cheap clone: measurements are shared).
+        let (snapshot, generation, policies) = {
+            let mut guard = self.lock()?;
+            let g = &mut *guard;
+            let n = g
+                .nodes
+                .get_mut(&e.node_id)
+                .ok_or_else(|| ServiceError::UnknownNode(e.node_id.clone()))?;
+            let nonce_check =
+                check_nonce(n.nonce.as_ref(), n.last_nonce.as_ref(), &e.nonce, now_ms());
+            if let Some(issued) = n.nonce.as_mut() {
+                if issued.nonce.as_slice() == e.nonce.as_slice() {
+                    issued.used = true;
+                    n.last_nonce = Some(issued.nonce);
+                }
+            }
+            if let Err(err) = nonce_check {
+                // Evidence that is not fresh says nothing about the node now
+                // (it may be an attacker's replay, or a challenge from before
+                // a verifier restart): refused and audited, verdicts unchanged.
+                g.writer.send(
+                    WriteOp::Commit(CommitOp {
+                        node: n.record.clone(),
+                        state: None,
+                        verdicts: n.verdicts.clone(),
+                        write: VerdictWrite::AuditOnly,
+                        now_ms: now_ms(),
+                        audit: serde_json::json!({"event": "evidence refused", "reason": err.to_string()}),
+                    }),
+                    false,
+                );
+                return Err(err.into());
+            }
+            (n.state.clone(), n.generation, g.policies.clone())
+        };
+        // 2. Without the lock: appraisal (signature, replay, policy) — the
+        //    costly part — so appraisals of different nodes run in parallel.
+        let mut a = appraise(&snapshot, &ev, Ok(()), &policies);
+        // 3. Under the lock again: apply it, unless the node's state changed
+        //    meanwhile (another accepted evidence, a re-enrollment); then the
+        //    evidence is appraised again against the state now in force.
+        let mut guard = self.lock()?;
+        let g = &mut *guard;
+        let n = g
+            .nodes
+            .get_mut(&e.node_id)
+            .ok_or_else(|| ServiceError::UnknownNode(e.node_id.clone()))?;
+        if n.generation != generation {
+            a = appraise(&n.state, &ev, Ok(()), &g.policies);
+        }
         let accepted = a.integrity.is_ok();
         // Without new events an accepted state is the stored one (a new
         // boot or lost integrity both need events or refuse).
@@ -757,6 +790,7 @@ impl Verifier {
         n.integrity_ok = accepted;
         if accepted {
             n.state = a.state;
+            n.generation = next_generation();
             n.last_ok_ms = now_ms();
             n.stale = false;
             if n.session.is_none() {

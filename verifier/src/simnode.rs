@@ -7,11 +7,12 @@
 
 use std::collections::BTreeMap;
 
-use ring::rand::SystemRandom;
+use ring::rand::{SecureRandom, SystemRandom};
 use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
 use vouch_proto::event::{Event, EventKind, Record};
 use vouch_proto::measurement::{self as m, InstanceId, Measurement, StartFacts};
 use vouch_proto::name::ak_qualified_name;
+use vouch_proto::p256::SimSigner;
 use vouch_proto::quote::{AkVerifier, PcrValue};
 use vouch_proto::tpm::{
     alg, attr, curve, Attest, ClockInfo, HashAlg, PcrSelection, PcrSelectionList, Public,
@@ -25,7 +26,7 @@ pub type SoftQuote = (Vec<u8>, Vec<u8>, Vec<PcrValue>);
 
 /// A simulated node.
 pub struct SimNode {
-    key: EcdsaKeyPair,
+    key: SimSigner,
     rng: SystemRandom,
     /// AK public area.
     pub ak: Public,
@@ -81,10 +82,16 @@ impl SimNode {
                         .map_err(|_| "key parse".to_string())
                 })
         };
-        let key = gen()?;
+        let (key, ak_point) = loop {
+            let mut secret = [0u8; 32];
+            rng.fill(&mut secret).map_err(|_| "rng".to_string())?;
+            if let Some(k) = SimSigner::new(&secret) {
+                break k;
+            }
+        };
         let ekk = gen()?;
         let ak = ecc_public(
-            key.public_key().as_ref(),
+            &ak_point,
             attr::FIXED_TPM
                 | attr::FIXED_PARENT
                 | attr::SENSITIVE_DATA_ORIGIN
@@ -190,9 +197,21 @@ impl SimNode {
         v
     }
 
+    /// Prepares `count` more signature nonces ahead of time (a load
+    /// generator does this before measuring, so its quotes cost little).
+    pub fn presign(&mut self, count: usize) -> Result<(), String> {
+        let target = self.key.presigned() + count;
+        while self.key.presigned() < target {
+            let mut k = [0u8; 32];
+            self.rng.fill(&mut k).map_err(|_| "rng".to_string())?;
+            self.key.presign(&k);
+        }
+        Ok(())
+    }
+
     /// A genuine quote over the current PCRs with `nonce`:
     /// (TPMS_ATTEST, TPMT_SIGNATURE, PCR values).
-    pub fn quote(&self, nonce: &[u8]) -> Result<SoftQuote, String> {
+    pub fn quote(&mut self, nonce: &[u8]) -> Result<SoftQuote, String> {
         let pcrs = self.pcr_values();
         let mut sel: Vec<u8> = (0..8).collect();
         sel.push(self.runtime_pcr);
@@ -218,15 +237,14 @@ impl SimNode {
             },
         }
         .marshal();
-        let sig = self
-            .key
-            .sign(&self.rng, &attest)
-            .map_err(|_| "sign".to_string())?;
-        let sig = sig.as_ref();
+        if self.key.presigned() == 0 {
+            self.presign(1)?;
+        }
+        let (r, sig_s) = self.key.sign(&attest).ok_or("sign")?;
         let signature = Signature::Ecdsa {
             hash: alg::SHA256,
-            r: sig[..32].to_vec(),
-            s: sig[32..].to_vec(),
+            r: r.to_vec(),
+            s: sig_s.to_vec(),
         }
         .marshal();
         Ok((attest, signature, pcrs))

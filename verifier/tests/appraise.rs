@@ -276,7 +276,7 @@ fn integrity_violations() {
 
     // A quote by an AK that was never enrolled.
     let mut r = Run::new();
-    let stranger = SimNode::new(2).unwrap();
+    let mut stranger = SimNode::new(2).unwrap();
     let nonce = r.nonce();
     let (attest, sig, pcrs) = stranger.quote(&nonce).unwrap();
     let ev = Evidence {
