@@ -147,6 +147,16 @@ struct Pending {
     expires_ms: u64,
 }
 
+/// The enrolled node `id`, or `UnknownNode`.
+fn node_mut<'a>(
+    nodes: &'a mut HashMap<String, Node>,
+    id: &str,
+) -> Result<&'a mut Node, ServiceError> {
+    nodes
+        .get_mut(id)
+        .ok_or_else(|| ServiceError::UnknownNode(id.to_owned()))
+}
+
 /// A value no node state had before (see `Node::generation`).
 fn next_generation() -> u64 {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -608,10 +618,7 @@ impl Verifier {
     fn challenge(&self, r: ChallengeRequest) -> Result<Challenge, ServiceError> {
         let nonce = random32()?;
         let mut g = self.lock()?;
-        let n = g
-            .nodes
-            .get_mut(&r.node_id)
-            .ok_or_else(|| ServiceError::UnknownNode(r.node_id.clone()))?;
+        let n = node_mut(&mut g.nodes, &r.node_id)?;
         Ok(self.issue_nonce(n, nonce))
     }
 
@@ -690,10 +697,7 @@ impl Verifier {
         let (snapshot, generation, policies) = {
             let mut guard = self.lock()?;
             let g = &mut *guard;
-            let n = g
-                .nodes
-                .get_mut(&e.node_id)
-                .ok_or_else(|| ServiceError::UnknownNode(e.node_id.clone()))?;
+            let n = node_mut(&mut g.nodes, &e.node_id)?;
             let nonce_check =
                 check_nonce(n.nonce.as_ref(), n.last_nonce.as_ref(), &e.nonce, now_ms());
             if let Some(issued) = n.nonce.as_mut() {
@@ -729,10 +733,7 @@ impl Verifier {
         //    evidence is appraised again against the state now in force.
         let mut guard = self.lock()?;
         let g = &mut *guard;
-        let n = g
-            .nodes
-            .get_mut(&e.node_id)
-            .ok_or_else(|| ServiceError::UnknownNode(e.node_id.clone()))?;
+        let n = node_mut(&mut g.nodes, &e.node_id)?;
         if n.generation != generation {
             a = appraise(&n.state, &ev, Ok(()), &g.policies);
         }
