@@ -55,6 +55,10 @@ fn main() {
             with as f64 / 1024.0,
             (with.saturating_sub(base)) as f64 / mem_nodes as f64
         );
+        println!(
+            "verifier start with {mem_nodes} enrolled nodes (load state, prepare every AK): ready after {:.2} s",
+            v.ready_after.as_secs_f64()
+        );
     }
 
     let dir = tempfile::tempdir().unwrap();

@@ -379,6 +379,44 @@ fn node_state(
     Ok(s)
 }
 
+/// Builds every loaded node's state (parsing its keys, preparing its AK's
+/// verification table: about 70 µs each) on all cores: with 100,000 nodes
+/// this is most of a restart.
+fn prepare_nodes(
+    mut loaded: Vec<(NodeRecord, Option<StoredState>)>,
+) -> Result<Vec<(NodeRecord, NodeState)>, ServiceError> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chunk = loaded.len().div_ceil(threads).max(1);
+    let mut parts = Vec::new();
+    while !loaded.is_empty() {
+        let rest = loaded.split_off(chunk.min(loaded.len()));
+        parts.push(std::mem::replace(&mut loaded, rest));
+    }
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = parts
+            .into_iter()
+            .map(|part| {
+                scope.spawn(move || {
+                    part.into_iter()
+                        .map(|(record, stored)| {
+                            let state = node_state(&record, stored.as_ref())?;
+                            Ok((record, state))
+                        })
+                        .collect::<Result<Vec<_>, ServiceError>>()
+                })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for w in workers {
+            let built = w
+                .join()
+                .map_err(|_| ServiceError::Invalid("preparing stored nodes failed".into()))??;
+            out.extend(built);
+        }
+        Ok(out)
+    })
+}
+
 impl Verifier {
     /// Loads enrolled nodes from `store`.
     pub fn new(
@@ -389,8 +427,7 @@ impl Verifier {
         signer: Arc<EarSigner>,
     ) -> Result<Self, ServiceError> {
         let mut nodes = HashMap::new();
-        for (record, stored) in store.load()? {
-            let state = node_state(&record, stored.as_ref())?;
+        for (record, state) in prepare_nodes(store.load()?)? {
             nodes.insert(
                 record.node_id.clone(),
                 Node {

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection};
 use serde::{Deserialize, Serialize};
 use vouch_proto::measurement::{Anomaly, Measurement};
 
@@ -339,24 +339,18 @@ fn apply_commit(tx: &rusqlite::Transaction<'_>, op: &CommitOp) -> Result<(), Sto
 
 impl Store for SqliteStore {
     fn load(&self) -> Result<Vec<(NodeRecord, Option<StoredState>)>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT node_id, record FROM nodes ORDER BY node_id")?;
-        let rows: Vec<(String, String)> = stmt
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        // One query for all nodes with their states (not one per node).
+        let mut stmt = self.conn.prepare(
+            "SELECT n.node_id, n.record, s.state FROM nodes n \
+             LEFT JOIN node_state s ON s.node_id = n.node_id ORDER BY n.node_id",
+        )?;
+        let rows: Vec<(String, String, Option<String>)> = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
             .collect::<Result<_, _>>()?;
         let mut out = Vec::with_capacity(rows.len());
-        for (id, rec) in rows {
+        for (id, rec, state) in rows {
             let record: NodeRecord =
                 serde_json::from_str(&rec).map_err(|e| corrupt(&format!("nodes/{id}"), e))?;
-            let state: Option<String> = self
-                .conn
-                .query_row(
-                    "SELECT state FROM node_state WHERE node_id = ?1",
-                    params![id],
-                    |r| r.get(0),
-                )
-                .optional()?;
             let state = match state {
                 Some(s) => Some(decode_state(&id, &s)?),
                 None => None,

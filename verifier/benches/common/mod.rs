@@ -31,6 +31,8 @@ pub fn rss_kb(pid: u32) -> u64 {
 pub struct Verifier {
     pub child: std::process::Child,
     pub port: u16,
+    /// From spawn to accepting connections (state loaded, AKs prepared).
+    pub ready_after: Duration,
 }
 
 impl Drop for Verifier {
@@ -58,6 +60,7 @@ pub fn start_verifier(dir: &std::path::Path, digest: &str) -> Verifier {
         .local_addr()
         .unwrap()
         .port();
+    let started = Instant::now();
     let child = Command::new(env!("CARGO_BIN_EXE_vouch-verifier"))
         .arg("serve")
         .env("VOUCH_VERIFIER_LISTEN", format!("127.0.0.1:{port}"))
@@ -76,7 +79,11 @@ pub fn start_verifier(dir: &std::path::Path, digest: &str) -> Verifier {
         assert!(Instant::now() < deadline, "verifier did not start");
         std::thread::sleep(Duration::from_millis(20));
     }
-    Verifier { child, port }
+    Verifier {
+        child,
+        port,
+        ready_after: started.elapsed(),
+    }
 }
 
 /// The enrollment record of simulated node `i`.
