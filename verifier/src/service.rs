@@ -225,10 +225,14 @@ impl Writer {
                     // one copy of each page per transaction). An op that is
                     // awaited (a verdict change) is committed at once.
                     let deadline = std::time::Instant::now() + BATCH_WINDOW;
-                    while batch.len() < 1024 && batch.iter().all(|(_, ack)| ack.is_none()) {
+                    let mut awaited = batch.iter().any(|(_, ack)| ack.is_some());
+                    while batch.len() < 1024 && !awaited {
                         let left = deadline.saturating_duration_since(std::time::Instant::now());
                         match rx.recv_timeout(left) {
-                            Ok(op) => batch.push(op),
+                            Ok(op) => {
+                                awaited = op.1.is_some();
+                                batch.push(op);
+                            }
                             Err(_) => break,
                         }
                     }
