@@ -334,6 +334,7 @@ impl Fe {
         Fe(mont_mul(a, &R2_P, &P, P_INV))
     }
 
+    /// Leaves Montgomery form (multiplies by 2^-256).
     fn to_plain(self) -> Limbs {
         mont_mul(&self.0, &[1, 0, 0, 0], &P, P_INV)
     }
@@ -371,7 +372,8 @@ impl Fe {
         is_zero(&self.0)
     }
 
-    /// a^(p-2) = a^-1 (0 for 0). Only used when building tables.
+    /// a^(p-2) = a^-1 (0 for 0), by Fermat. Used when building tables and
+    /// presigning, never per verification (which stays in Jacobian form).
     fn invert(&self) -> Fe {
         let e = sub4(&P, &[2, 0, 0, 0]).0;
         let mut acc = Fe::ONE;
