@@ -14,7 +14,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{env, gather, percentiles, seed, start_verifier};
+use common::{env, gather, seed, start_verifier, summarize};
 use vouch_proto::api::attestation_client::AttestationClient;
 use vouch_proto::api::credentials_client::CredentialsClient;
 use vouch_proto::api::{
@@ -157,12 +157,9 @@ fn main() {
         }
         gather(tasks).await
     });
-    let measured = (secs as f64 - 2.0).max(1.0);
-    let p = percentiles(lat);
+    let r = summarize(lat, ok, secs);
     println!(
-        "SVID issuance over gRPC/TLS, {conc} in flight: {:.0} SVIDs/s, p50 {:.2} ms, p99 {:.2} ms ({ok} ok, {errs} errors over {measured:.0} s; client and verifier share the 2 cores)",
-        ok as f64 / measured,
-        p(0.5),
-        p(0.99)
+        "SVID issuance over gRPC/TLS, {conc} in flight: {:.0} SVIDs/s, p50 {:.2} ms, p99 {:.2} ms ({ok} ok, {errs} errors over {:.0} s; client and verifier share the 2 cores)",
+        r.rate, r.p50, r.p99, r.secs
     );
 }

@@ -20,11 +20,11 @@ use vouch_verifier::enroll::ek_id;
 use vouch_verifier::simnode::{sample_measurement, SimNode};
 
 mod common;
+use common::{env, gather, rss_kb, seed, seed_state, start_verifier, summarize};
 
 /// The generator allocates like the verifier does; same allocator.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use common::{env, gather, percentiles, rss_kb, seed, seed_state, start_verifier};
 
 fn main() {
     let n_nodes = env("VOUCH_LOAD_NODES", 1000);
@@ -222,13 +222,11 @@ fn main() {
         }
         gather(tasks).await
     });
-    let measured = (secs as f64 - 2.0).max(1.0);
-    let p = percentiles(lat);
+    let r = summarize(lat, ok, secs);
+    let measured = r.secs;
     println!(
         "load: {n_nodes} nodes, {conc} in flight, heartbeat = quote over the challenge from the previous answer + push with up to 5 new events: {:.0} evidence/s, p50 {:.2} ms, p99 {:.2} ms ({ok} ok, {errs} errors, over {measured:.0} s; generator and verifier share the 2 cores)",
-        ok as f64 / measured,
-        p(0.5),
-        p(0.99)
+        r.rate, r.p50, r.p99
     );
     let vticks = cpu.join().unwrap_or(0);
     let us_per = vticks as f64 * 10_000.0 / ok.max(1) as f64;

@@ -157,6 +157,26 @@ fn node_mut<'a>(
         .ok_or_else(|| ServiceError::UnknownNode(id.to_owned()))
 }
 
+impl Node {
+    /// A node just enrolled or loaded: no nonce, no verdicts yet, and a full
+    /// reporting window from now.
+    fn new(record: NodeRecord, state: NodeState) -> Self {
+        Node {
+            record,
+            state,
+            nonce: None,
+            last_ok_ms: now_ms(),
+            refreshed_ms: 0,
+            generation: next_generation(),
+            stale: false,
+            verdicts: Arc::default(),
+            integrity_ok: true,
+            session: None,
+            last_nonce: None,
+        }
+    }
+}
+
 /// A value no node state had before (see `Node::generation`).
 fn next_generation() -> u64 {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -434,20 +454,8 @@ impl Verifier {
         for (record, state) in prepare_nodes(store.load()?)? {
             nodes.insert(
                 record.node_id.clone(),
-                Node {
-                    record,
-                    state,
-                    nonce: None,
-                    // A restarted verifier gives every node a full window.
-                    last_ok_ms: now_ms(),
-                    refreshed_ms: 0,
-                    generation: next_generation(),
-                    stale: false,
-                    verdicts: Arc::default(),
-                    integrity_ok: true,
-                    session: None,
-                    last_nonce: None,
-                },
+                // A restarted verifier gives every node a full window.
+                Node::new(record, state),
             );
         }
         tracing::info!(nodes = nodes.len(), "verifier state loaded");
@@ -509,7 +517,7 @@ impl Verifier {
             let audit = serde_json::json!({"event": "stale", "last_ok_ms": n.last_ok_ms, "limit_ms": limit_ms});
             g.writer.send(
                 WriteOp::Commit(CommitOp {
-                    node: n.record.clone(),
+                    node_id: n.record.node_id.clone(),
                     state: None,
                     verdicts: verdicts.clone(),
                     write: VerdictWrite::Full,
@@ -637,22 +645,7 @@ impl Verifier {
         tracing::info!(node = %rec.name, node_id = %rec.node_id, trust = %rec.trust, reenrolled = previous.is_some(), "node enrolled (AK bound to EK by credential activation)");
         let state = node_state(&rec, None)?;
         let id = rec.node_id.clone();
-        g.nodes.insert(
-            id.clone(),
-            Node {
-                record: rec,
-                state,
-                nonce: None,
-                last_ok_ms: now_ms(),
-                refreshed_ms: 0,
-                generation: next_generation(),
-                stale: false,
-                verdicts: Arc::default(),
-                integrity_ok: true,
-                session: None,
-                last_nonce: None,
-            },
-        );
+        g.nodes.insert(id.clone(), Node::new(rec, state));
         Ok((EnrollmentResult { node_id: id }, ack))
     }
 
@@ -753,7 +746,7 @@ impl Verifier {
                 // a verifier restart): refused and audited, verdicts unchanged.
                 g.writer.send(
                     WriteOp::Commit(CommitOp {
-                        node: n.record.clone(),
+                        node_id: n.record.node_id.clone(),
                         state: None,
                         verdicts: n.verdicts.clone(),
                         write: VerdictWrite::AuditOnly,
@@ -813,7 +806,7 @@ impl Verifier {
         }
         let ack = g.writer.send(
             WriteOp::Commit(CommitOp {
-                node: n.record.clone(),
+                node_id: n.record.node_id.clone(),
                 state: stored,
                 verdicts: verdicts.clone(),
                 write,

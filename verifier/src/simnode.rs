@@ -8,7 +8,6 @@
 use std::collections::BTreeMap;
 
 use ring::rand::{SecureRandom, SystemRandom};
-use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
 use vouch_proto::event::{Event, EventKind, Record};
 use vouch_proto::measurement::{self as m, InstanceId, Measurement, StartFacts};
 use vouch_proto::name::ak_qualified_name;
@@ -74,22 +73,17 @@ impl SimNode {
     /// A node with fresh keys, booted (log started with BootStart).
     pub fn new(seed: u64) -> Result<Self, String> {
         let rng = SystemRandom::new();
-        let gen = || {
-            EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
-                .map_err(|_| "keygen".to_string())
-                .and_then(|p| {
-                    EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, p.as_ref(), &rng)
-                        .map_err(|_| "key parse".to_string())
-                })
-        };
-        let (key, ak_point) = loop {
+        // A software key: a random scalar and its point.
+        let soft_key = || loop {
             let mut secret = [0u8; 32];
             rng.fill(&mut secret).map_err(|_| "rng".to_string())?;
             if let Some(k) = SimSigner::new(&secret) {
-                break k;
+                return Ok::<_, String>(k);
             }
         };
-        let ekk = gen()?;
+        let (key, ak_point) = soft_key()?;
+        // The EK only needs a public point (its Name is what counts here).
+        let (_, ek_point) = soft_key()?;
         let ak = ecc_public(
             &ak_point,
             attr::FIXED_TPM
@@ -102,7 +96,7 @@ impl SimNode {
             None,
         );
         let ek = ecc_public(
-            ekk.public_key().as_ref(),
+            &ek_point,
             attr::FIXED_TPM
                 | attr::FIXED_PARENT
                 | attr::SENSITIVE_DATA_ORIGIN

@@ -137,8 +137,8 @@ pub enum VerdictWrite {
 /// One accepted appraisal (or staleness decision) to make durable.
 #[derive(Debug, Clone)]
 pub struct CommitOp {
-    /// The node.
-    pub node: NodeRecord,
+    /// The node's id.
+    pub node_id: String,
     /// New continuation state (None: unchanged).
     pub state: Option<StoredState>,
     /// The node's sidecar verdicts now.
@@ -273,8 +273,8 @@ fn decode_state(id: &str, s: &str) -> Result<StoredState, StoreError> {
 }
 
 fn apply_commit(tx: &rusqlite::Transaction<'_>, op: &CommitOp) -> Result<(), StoreError> {
-    let (node, state, verdicts, now_ms, audit) = (
-        &op.node,
+    let (node_id, state, verdicts, now_ms, audit) = (
+        &op.node_id,
         op.state.as_ref(),
         &op.verdicts,
         op.now_ms,
@@ -288,15 +288,15 @@ fn apply_commit(tx: &rusqlite::Transaction<'_>, op: &CommitOp) -> Result<(), Sto
             "INSERT INTO node_state (node_id, state, updated_ms) VALUES (?1, ?2, ?3) \
              ON CONFLICT (node_id) DO UPDATE SET state = excluded.state, updated_ms = excluded.updated_ms",
         )?
-        .execute(params![node.node_id, s, now_ms as i64])?;
+        .execute(params![node_id, s, now_ms as i64])?;
     }
     if op.write != VerdictWrite::Full {
         if op.write == VerdictWrite::Refresh {
             tx.prepare_cached("UPDATE verdicts SET updated_ms = ?1 WHERE node_id = ?2")?
-                .execute(params![now_ms as i64, node.node_id])?;
+                .execute(params![now_ms as i64, node_id])?;
         }
         tx.prepare_cached("INSERT INTO audit (at_ms, node_id, detail) VALUES (?1, ?2, ?3)")?
-            .execute(params![now_ms as i64, node.node_id, audit.to_string()])?;
+            .execute(params![now_ms as i64, node_id, audit.to_string()])?;
         return Ok(());
     }
     let live: Vec<String> = verdicts.iter().map(|v| v.id.to_string()).collect();
@@ -304,11 +304,11 @@ fn apply_commit(tx: &rusqlite::Transaction<'_>, op: &CommitOp) -> Result<(), Sto
     // decide what enters the history.
     let stored: Vec<(String, String)> = tx
         .prepare_cached("SELECT instance, verdict FROM verdicts WHERE node_id = ?1")?
-        .query_map(params![node.node_id], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .query_map(params![node_id], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<Result<_, _>>()?;
     for (inst, _) in stored.iter().filter(|(i, _)| !live.contains(i)) {
         tx.prepare_cached("DELETE FROM verdicts WHERE node_id = ?1 AND instance = ?2")?
-            .execute(params![node.node_id, inst])?;
+            .execute(params![node_id, inst])?;
     }
     for (v, inst) in verdicts.iter().zip(&live) {
         let reasons = serde_json::to_string(&v.reasons).map_err(|e| corrupt("reasons", e))?;
@@ -321,7 +321,7 @@ fn apply_commit(tx: &rusqlite::Transaction<'_>, op: &CommitOp) -> Result<(), Sto
             tx.prepare_cached(
                 "INSERT INTO verdict_history (node_id, instance, verdict, reasons, at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
             )?
-            .execute(params![node.node_id, inst, now_v, reasons, now_ms as i64])?;
+            .execute(params![node_id, inst, now_v, reasons, now_ms as i64])?;
         }
         tx.prepare_cached(
             "INSERT INTO verdicts (node_id, instance, app_id, namespace, verdict, reasons, updated_ms) \
@@ -330,10 +330,10 @@ fn apply_commit(tx: &rusqlite::Transaction<'_>, op: &CommitOp) -> Result<(), Sto
              namespace = excluded.namespace, verdict = excluded.verdict, \
              reasons = excluded.reasons, updated_ms = excluded.updated_ms",
         )?
-        .execute(params![node.node_id, inst, v.app_id, v.namespace, now_v, reasons, now_ms as i64])?;
+        .execute(params![node_id, inst, v.app_id, v.namespace, now_v, reasons, now_ms as i64])?;
     }
     tx.prepare_cached("INSERT INTO audit (at_ms, node_id, detail) VALUES (?1, ?2, ?3)")?
-        .execute(params![now_ms as i64, node.node_id, audit.to_string()])?;
+        .execute(params![now_ms as i64, node_id, audit.to_string()])?;
     Ok(())
 }
 

@@ -125,6 +125,27 @@ pub fn percentiles(mut lat: Vec<f64>) -> impl Fn(f64) -> f64 {
     }
 }
 
+/// A timed run's result: the seconds measured (after the 2 s warm-up),
+/// successes per second, and latency p50/p99 in ms.
+pub struct Summary {
+    pub secs: f64,
+    pub rate: f64,
+    pub p50: f64,
+    pub p99: f64,
+}
+
+/// Sums up a run of `secs` seconds whose first 2 s were warm-up.
+pub fn summarize(lat: Vec<f64>, ok: u64, secs: usize) -> Summary {
+    let measured = (secs as f64 - 2.0).max(1.0);
+    let p = percentiles(lat);
+    Summary {
+        secs: measured,
+        rate: ok as f64 / measured,
+        p50: p(0.5),
+        p99: p(0.99),
+    }
+}
+
 pub fn seed(dir: &std::path::Path, nodes: &[SimNode]) {
     let mut st = SqliteStore::open(&dir.join("state.db")).unwrap();
     for (i, n) in nodes.iter().enumerate() {
@@ -148,7 +169,7 @@ pub fn seed_state(dir: &std::path::Path, nodes: &[SimNode], instances: u32) {
         .iter()
         .enumerate()
         .map(|(i, n)| CommitOp {
-            node: node_record(i, n),
+            node_id: node_record(i, n).node_id,
             state: Some(StoredState {
                 boot: Some((1, 0)),
                 runtime_pcr: 13,
